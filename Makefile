@@ -1,0 +1,47 @@
+# Two commands do everything: `make demo` and `make test`. Both install what they need, idempotently,
+# into .venv (which also sees a torch already installed on the system, so a GPU build is kept).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# A CPU build of torch where none is importable: a plain `torch` requirement pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: install install-dev demo test slurm report clean
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)" \
+	  || $(PIP) install -q torch --index-url "$(TORCH_CPU_INDEX)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/harness-train -m hydra/sweeper=harness sweep=demo
+	$(VENV)/bin/harness-report results/demo
+
+report: install
+	$(VENV)/bin/harness-report results/demo
+
+# Starts a local single-node Slurm when we can (root, apt); the Slurm tests skip with a reason otherwise.
+slurm:
+	-bash scripts/slurm_up.sh
+
+test: install-dev slurm
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) results/demo

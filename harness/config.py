@@ -1,0 +1,203 @@
+"""Typed run configuration, registered with Hydra's ConfigStore, and `compose()` for tests and notebooks.
+
+The YAML under `conf/` is validated against these dataclasses on composition. The `model` node is a
+plain mapping at the Hydra level (its fields depend on the family) and becomes the family's own
+dataclass in `to_run_config`, so unknown families and fields fail there, before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from harness.layers import LMConfig
+from harness.models import make_config
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "shakespeare"  # "shakespeare" (embedded) | "text_file"
+    path: str = ""  # text file for source=text_file
+    tokenizer: str = "byte"  # "byte" (vocab 256) or a path to a Hugging Face tokenizer.json
+    val_fraction: float = 0.05
+    cache_dir: str = ".cache/data"  # tokenized shards, keyed by content hash
+
+    def __post_init__(self) -> None:
+        if self.source not in ("shakespeare", "text_file"):
+            raise ValueError(
+                f"data.source must be 'shakespeare' or 'text_file', got {self.source!r}"
+            )
+        if self.source == "text_file":
+            if not self.path:
+                raise ValueError("data.source=text_file needs data.path=<a text file>")
+            if not Path(self.path).is_file():
+                raise ValueError(f"corpus file not found: data.path={self.path!r}")
+        if self.tokenizer != "byte" and not Path(self.tokenizer).is_file():
+            raise ValueError(f"tokenizer file not found: data.tokenizer={self.tokenizer!r}")
+        if not 0 < self.val_fraction < 0.5:
+            raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay) | "constant"
+    warmup_frac: float = 0.05  # of all steps
+    decay_frac: float = 0.2  # wsd: final fraction of steps spent decaying linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ValueError(
+                f"optim.schedule must be cosine, wsd or constant, got {self.schedule!r}"
+            )
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.decay_frac <= 1:
+            raise ValueError("optim.warmup_frac must be in [0, 1) and optim.decay_frac in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    tokens: int = 500_000  # training budget; the run stops once it has seen this many tokens
+    batch_size: int = 16  # sequences per step; each is model.seq_len tokens
+    eval_every: int = 50  # steps; the final step is always evaluated
+    eval_batches: int = 8
+    log_every: int = 10
+    ckpt_every: int = 100  # steps; 0 writes only the final checkpoint
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    threads: int = 0  # torch CPU threads; 0 leaves the default
+    progress: bool = True
+    stop_after_steps: int = 0  # stop (as if preempted) after this many steps in this process; tests
+
+    def __post_init__(self) -> None:
+        for f in ("tokens", "batch_size", "eval_every", "eval_batches", "log_every"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"train.{f} must be >= 1, got {getattr(self, f)}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: str = "default"  # results/<sweep>/ ; also names sweeps/<sweep>.yaml for multirun
+    run_name: str = ""  # empty: derived from the run's overrides
+    results_dir: str = "results"
+    allow_noncausal: bool = (
+        False  # let a language-model run use a non-causal mixer (flagged in results)
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, (dict, DictConfig)):
+            self.model = make_config(dict(self.model))
+        if not isinstance(self.model, LMConfig):
+            raise ValueError(
+                "config has no model; choose one with model=<preset> (see conf/model/)"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.sweep):
+            raise ValueError(
+                f"sweep name {self.sweep!r} may use only letters, digits, '.', '_' and '-'"
+            )
+        per_step = self.train.batch_size * self.model.seq_len
+        if self.train.tokens < per_step:
+            raise ValueError(
+                f"token budget train.tokens={self.train.tokens} is smaller than one batch "
+                f"(train.batch_size={self.train.batch_size} x model.seq_len={self.model.seq_len} = {per_step})"
+            )
+        if getattr(self.model, "causal", True) is False and not self.allow_noncausal:
+            raise ValueError(
+                f"model {self.model.name!r} is not causal: it mixes future tokens into the past, so its "
+                "language-model loss is not comparable. Set allow_noncausal=true to run it anyway "
+                "(results are flagged comparable=false)."
+            )
+
+    @property
+    def steps(self) -> int:
+        return self.train.tokens // (self.train.batch_size * self.model.seq_len)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.results_dir) / self.sweep / self.run_name
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+# Overrides that choose where or how a run executes, not what it computes: left out of run names.
+_NOT_IDENTITY = (
+    "sweep",
+    "results_dir",
+    "run_name",
+    "train.device",
+    "train.threads",
+    "train.progress",
+    "train.log_every",
+    "train.stop_after_steps",
+    "data.cache_dir",
+)
+
+
+def run_name_from_overrides(overrides: list[str]) -> str:
+    """A stable directory name from a run's overrides, so relaunching a sweep finds finished runs."""
+    kept = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.") or key.startswith("hydra/") or key in _NOT_IDENTITY:
+            continue
+        kept.append(o.lstrip("+"))
+    name = ",".join(sorted(kept)) or "base"
+    name = re.sub(r"[^A-Za-z0-9._=,-]", "_", name)
+    if len(name) > 120:
+        name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name
+
+
+def to_run_config(cfg: DictConfig | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Composed Hydra config -> validated `RunConfig` (runs every `__post_init__`)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if not run.run_name:
+        run.run_name = run_name_from_overrides(overrides or [])
+    elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,-]*", run.run_name):
+        raise ValueError(f"run_name {run.run_name!r} may use only letters, digits and . _ = , -")
+    return run
+
+
+def compose(overrides: list[str] | None = None) -> RunConfig:
+    """The same validated config the command line gets for these overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides or [])
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    return to_run_config(cfg, overrides)
+
+
+def run_config_dict(run: RunConfig) -> dict[str, Any]:
+    """Plain, fully resolved mapping of a run's config (what `config.yaml` holds)."""
+    return dataclasses.asdict(run)

@@ -1,0 +1,194 @@
+"""Corpora, tokenizers and the window loader.
+
+A corpus is tokenized once into memory-mapped shards under `data.cache_dir/<key>/`, where the key
+hashes the source bytes, the tokenizer and the split rule, so a changed file is re-tokenized and an
+unchanged one never is. The split is deterministic: the token stream is cut into blocks of
+`SPLIT_BLOCK` tokens and every k-th block (k = round(1 / val_fraction)) goes to validation, so both
+splits sample every part of the corpus without sharing text.
+
+Batches are random contiguous windows. The windows of step i depend only on (seed, i), so resuming
+at step i reproduces exactly the batches of a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import lzma
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.config import DataConfig
+from harness.fileio import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus" / "shakespeare.txt.xz"
+SPLIT_BLOCK = 4096
+SHARD_TOKENS = 1 << 26  # 64 Mi tokens per shard file
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocab 256, lossless, no training."""
+
+    vocab_size = 256
+    name = "byte"
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A local Hugging Face `tokenizers` file (tokenizer.json); nothing is fetched from a hub."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        self.tok = Tokenizer.from_file(str(self.path))
+        self.vocab_size = self.tok.get_vocab_size()
+        self.name = "hf-" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+
+def train_bpe_tokenizer(text_path: str | Path, vocab_size: int, out_path: str | Path) -> Path:
+    """Trains a byte-level BPE tokenizer on a local text file and saves tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train([str(text_path)], trainer)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_path))
+    return out_path
+
+
+def get_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
+
+
+def read_source(cfg: DataConfig) -> bytes:
+    if cfg.source == "shakespeare":
+        return lzma.decompress(EMBEDDED_CORPUS.read_bytes())
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    return path.read_bytes()
+
+
+def _dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(
+        np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32
+    )
+
+
+@dataclass
+class TokenData:
+    train: list[np.ndarray]  # memory-mapped shards
+    val: list[np.ndarray]
+    vocab_size: int
+
+    @property
+    def n_train(self) -> int:
+        return sum(len(s) for s in self.train)
+
+    @property
+    def n_val(self) -> int:
+        return sum(len(s) for s in self.val)
+
+
+def prepare(cfg: DataConfig) -> TokenData:
+    """Tokenizes the corpus into the cache once (atomically) and memory-maps the shards."""
+    raw = read_source(cfg)
+    tok = get_tokenizer(cfg.tokenizer)
+    key_src = f"{hashlib.sha256(raw).hexdigest()}|{tok.name}|{cfg.val_fraction}|{SPLIT_BLOCK}|{SHARD_TOKENS}"
+    out = Path(cfg.cache_dir) / hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    meta_path = out / "meta.json"
+    if not meta_path.exists():
+        log.info("tokenizing %s (%d bytes) with %s into %s", cfg.source, len(raw), tok.name, out)
+        ids = tok.encode(raw.decode("utf-8", errors="replace")).astype(_dtype_for(tok.vocab_size))
+        every = max(2, round(1 / cfg.val_fraction))
+        n_blocks = -(-len(ids) // SPLIT_BLOCK)
+        is_val = (np.arange(n_blocks) % every) == every - 1
+        blocks = [ids[i * SPLIT_BLOCK : (i + 1) * SPLIT_BLOCK] for i in range(n_blocks)]
+        splits = {
+            "train": np.concatenate([b for b, v in zip(blocks, is_val, strict=True) if not v]),
+            "val": np.concatenate(
+                [b for b, v in zip(blocks, is_val, strict=True) if v] or [ids[:0]]
+            ),
+        }
+        meta = {
+            "vocab_size": tok.vocab_size,
+            "dtype": str(ids.dtype),
+            "tokenizer": tok.name,
+            "shards": {},
+        }
+        for split, arr in splits.items():
+            names = []
+            for j in range(0, max(len(arr), 1), SHARD_TOKENS):
+                name = f"{split}_{j // SHARD_TOKENS:04d}.bin"
+                atomic_write_bytes(out / name, arr[j : j + SHARD_TOKENS].tobytes())
+                names.append(name)
+            meta["shards"][split] = names
+        atomic_write_json(meta_path, meta)  # written last: its presence marks a complete cache
+    meta = json.loads(meta_path.read_text())
+    dtype = np.dtype(meta["dtype"])
+    maps = {
+        s: [np.memmap(out / n, dtype=dtype, mode="r") for n in names]
+        for s, names in meta["shards"].items()
+    }
+    return TokenData(train=maps["train"], val=maps["val"], vocab_size=meta["vocab_size"])
+
+
+def sample_windows(
+    shards: list[np.ndarray], seq_len: int, n: int, rng: np.random.Generator
+) -> torch.Tensor:
+    """n random contiguous windows of seq_len + 1 tokens (inputs and shifted targets)."""
+    lengths = np.array([len(s) - seq_len - 1 for s in shards])
+    if lengths.max(initial=-1) < 0:
+        raise ValueError(f"corpus split is shorter than one window of {seq_len + 1} tokens")
+    weights = np.clip(lengths, 0, None) / np.clip(lengths, 0, None).sum()
+    which = rng.choice(len(shards), size=n, p=weights)
+    out = np.empty((n, seq_len + 1), dtype=np.int64)
+    for r, s in enumerate(which):
+        start = rng.integers(0, lengths[s] + 1)
+        out[r] = shards[s][start : start + seq_len + 1]
+    return torch.from_numpy(out)
+
+
+class WindowLoader:
+    """Seeded, resumable batches: batch(step) depends only on (seed, step)."""
+
+    def __init__(self, shards: list[np.ndarray], seq_len: int, batch_size: int, seed: int):
+        self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = sample_windows(
+            self.shards, self.seq_len, self.batch_size, np.random.default_rng([self.seed, step])
+        )
+        return w[:, :-1], w[:, 1:]
+
+
+def val_batches(data: TokenData, seq_len: int, batch_size: int, n_batches: int, seed: int = 1234):
+    """The same validation windows at every evaluation (and in every run with the same seed)."""
+    rng = np.random.default_rng([seed, 0xBA1])
+    for _ in range(n_batches):
+        w = sample_windows(data.val, seq_len, batch_size, rng)
+        yield w[:, :-1], w[:, 1:]

@@ -1,0 +1,256 @@
+"""Blocks shared by two or more families, and the one backbone they all use.
+
+Every family is `embed -> n_layers x Block(sequence mixer, channel mixer) -> norm -> head`; families
+differ only in what fills the two mixer slots, so a comparison measures the mixer rather than
+incidental differences in embedding, norms or init.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harness.ops.attention import causal_attention, causal_attention_ref
+
+
+@dataclass(kw_only=True)
+class LMConfig:
+    """Fields every family shares. Families subclass this and add their own (R4 vocabulary)."""
+
+    family: str
+    name: str = ""  # label used in tables and plots; defaults to the family
+    vocab_size: int = 256
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 2
+    norm: str = "rms"  # "rms" | "layer"
+    bias: bool = False
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.family
+        for f in ("vocab_size", "seq_len", "d_model", "n_layers"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"model.{f} must be >= 1, got {getattr(self, f)}")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"model.norm must be 'rms' or 'layer', got {self.norm!r}")
+
+
+@dataclass
+class LMOutput:
+    """What every model returns. `aux_losses` are already weighted and are added to the LM loss;
+    `metrics` are logged only (e.g. routing statistics)."""
+
+    logits: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def make_norm(kind: str, d: int, bias: bool = False) -> nn.Module:
+    if kind == "rms":
+        return nn.RMSNorm(d, eps=1e-6)
+    return nn.LayerNorm(d, bias=bias)
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Shazeer 2020, as in Llama)."""
+
+    def __init__(self, d_model: int, d_ff: int, kind: str = "gelu", bias: bool = False):
+        super().__init__()
+        self.kind = kind
+        if kind == "swiglu":
+            self.w_gate = nn.Linear(d_model, d_ff, bias=bias)
+        elif kind != "gelu":
+            raise ValueError(f"unknown mlp kind {kind!r} (gelu, swiglu)")
+        self.w_in = nn.Linear(d_model, d_ff, bias=bias)
+        self.w_out = nn.Linear(d_ff, d_model, bias=bias)
+        self.w_out.is_residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.w_out(F.silu(self.w_gate(x)) * self.w_in(x))
+        return self.w_out(F.gelu(self.w_in(x), approximate="tanh"))
+
+
+def mlp_flops(d_model: int, d_ff: int, kind: str) -> int:
+    """Forward matmul FLOPs per token of `MLP` (a multiply-add is 2 FLOPs)."""
+    return 2 * d_model * d_ff * (3 if kind == "swiglu" else 2)
+
+
+def mlp_params(d_model: int, d_ff: int, kind: str, bias: bool) -> int:
+    n_in = 2 if kind == "swiglu" else 1
+    return (
+        n_in * (d_model * d_ff + (d_ff if bias else 0)) + d_ff * d_model + (d_model if bias else 0)
+    )
+
+
+def rope_tables(
+    seq_len: int, head_dim: int, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles_TF = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles_TF.cos().float(), angles_TF.sin().float()
+
+
+def apply_rope(x_BHTD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (Su et al. 2021), rotating the two halves of each head (GPT-NeoX layout)."""
+    T = x_BHTD.shape[-2]
+    cos, sin = cos_TF[:T].to(x_BHTD.dtype), sin_TF[:T].to(x_BHTD.dtype)
+    x1, x2 = x_BHTD.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(
+        self, d_model: int, n_heads: int, head_dim: int, seq_len: int, rope: bool, bias: bool
+    ):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=bias)
+        self.proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.proj.is_residual_out = True
+        self.rope = rope
+        if rope:
+            cos, sin = rope_tables(seq_len, head_dim)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reference = False  # tests flip this to use the explicit masked-softmax path
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTC.shape
+        qkv = self.qkv(x_BTC).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, T, D)
+        if self.rope:
+            q, k = (
+                apply_rope(q, self.rope_cos, self.rope_sin),
+                apply_rope(k, self.rope_cos, self.rope_sin),
+            )
+        attn = causal_attention_ref if self.reference else causal_attention
+        y = attn(q, k, v).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.proj(y)
+
+
+def attention_flops(
+    d_model: int, n_heads: int, head_dim: int, seq_len: int, causal_half: bool
+) -> dict[str, int]:
+    """Forward FLOPs per token of `CausalSelfAttention`.
+
+    Scores (q k^T) and the weighted sum (p v) each cost 2 * n_heads * head_dim per (query, key) pair.
+    By default every query is charged all `seq_len` keys, as the fused kernel's FLOP counter and
+    Hoffmann et al. 2022 count; `causal_half=True` charges the (seq_len + 1) / 2 keys a query
+    actually sees on average.
+    """
+    inner = n_heads * head_dim
+    keys = (seq_len + 1) / 2 if causal_half else seq_len
+    return {
+        "attn_proj": 2 * d_model * 3 * inner + 2 * inner * d_model,
+        "attn_scores": int(round(2 * 2 * inner * keys)),
+    }
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + seq_mixer(norm(x)), then x + channel_mixer(norm(x)).
+    A family without a channel mixer (Mamba) passes None."""
+
+    def __init__(
+        self,
+        d_model: int,
+        norm: str,
+        seq_mixer: nn.Module,
+        channel_mixer: nn.Module | None,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.norm1 = make_norm(norm, d_model, bias)
+        self.seq_mixer = seq_mixer
+        self.norm2 = make_norm(norm, d_model, bias) if channel_mixer is not None else None
+        self.channel_mixer = channel_mixer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.seq_mixer(self.norm1(x))
+        if self.channel_mixer is not None:
+            x = x + self.channel_mixer(self.norm2(x))
+        return x
+
+
+class LM(nn.Module):
+    """Token embedding (+ optional learned positions) -> blocks -> final norm -> head.
+
+    Mixers that produce auxiliary losses or metrics store them as dicts in `last_aux` /
+    `last_metrics` during forward; the backbone collects them into `LMOutput`.
+    """
+
+    def __init__(
+        self, cfg: LMConfig, make_block: Callable[[int], nn.Module], learned_pos: bool = False
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if learned_pos else None
+        self.blocks = nn.ModuleList(make_block(i) for i in range(cfg.n_layers))
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.bias)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init)
+
+    def _init(self, m: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(m, nn.Linear):
+            # GPT-2: residual output projections scaled by 1/sqrt(2 n_layers) so the residual
+            # stream's variance does not grow with depth.
+            s = (
+                std / math.sqrt(2 * self.cfg.n_layers)
+                if getattr(m, "is_residual_out", False)
+                else std
+            )
+            nn.init.normal_(m.weight, 0.0, s)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+
+    def forward(self, idx_BT: torch.Tensor) -> LMOutput:
+        T = idx_BT.shape[1]
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
+        x = self.tok_emb(idx_BT)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx_BT.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm_f(x))
+        aux: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        for i, m in enumerate(self.modules()):
+            for k, v in getattr(m, "last_aux", {}).items():
+                aux[k] = aux.get(k, 0) + v
+            for k, v in getattr(m, "last_metrics", {}).items():
+                metrics[k] = v
+        return LMOutput(logits=logits, aux_losses=aux, metrics=metrics)
+
+
+def embedding_params(cfg: LMConfig, learned_pos: bool = False) -> dict[str, int]:
+    """Parameter counts of the parts `LM` adds around the blocks."""
+    parts = {
+        "embedding": cfg.vocab_size * cfg.d_model,
+        "pos_embedding": cfg.seq_len * cfg.d_model if learned_pos else 0,
+        "head": 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model,
+        "final_norm": norm_params(cfg.norm, cfg.d_model, cfg.bias),
+    }
+    return parts
+
+
+def norm_params(kind: str, d: int, bias: bool) -> int:
+    return d if kind == "rms" else d * (2 if bias else 1)
+
+
+def head_flops(cfg: LMConfig) -> int:
+    return 2 * cfg.d_model * cfg.vocab_size
