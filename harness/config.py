@@ -33,9 +33,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.source not in ("shakespeare", "text_file"):
-            raise ValueError(
-                f"data.source must be 'shakespeare' or 'text_file', got {self.source!r}"
-            )
+            raise ValueError(f"data.source must be 'shakespeare' or 'text_file', got {self.source!r}")
         if self.source == "text_file":
             if not self.path:
                 raise ValueError("data.source=text_file needs data.path=<a text file>")
@@ -62,9 +60,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
-            raise ValueError(
-                f"optim.schedule must be cosine, wsd or constant, got {self.schedule!r}"
-            )
+            raise ValueError(f"optim.schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_frac < 1 or not 0 <= self.decay_frac <= 1:
@@ -74,6 +70,7 @@ class OptimConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     tokens: int = 500_000  # training budget; the run stops once it has seen this many tokens
+    flops_budget: float = 0.0  # informational: the IsoFLOP budget this run was planned for (0: none)
     batch_size: int = 16  # sequences per step; each is model.seq_len tokens
     eval_every: int = 50  # steps; the final step is always evaluated
     eval_batches: int = 8
@@ -100,21 +97,15 @@ class RunConfig:
     sweep: str = "default"  # results/<sweep>/ ; also names sweeps/<sweep>.yaml for multirun
     run_name: str = ""  # empty: derived from the run's overrides
     results_dir: str = "results"
-    allow_noncausal: bool = (
-        False  # let a language-model run use a non-causal mixer (flagged in results)
-    )
+    allow_noncausal: bool = False  # let a language-model run use a non-causal mixer (flagged in results)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, (dict, DictConfig)):
             self.model = make_config(dict(self.model))
         if not isinstance(self.model, LMConfig):
-            raise ValueError(
-                "config has no model; choose one with model=<preset> (see conf/model/)"
-            )
+            raise ValueError("config has no model; choose one with model=<preset> (see conf/model/)")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.sweep):
-            raise ValueError(
-                f"sweep name {self.sweep!r} may use only letters, digits, '.', '_' and '-'"
-            )
+            raise ValueError(f"sweep name {self.sweep!r} may use only letters, digits, '.', '_' and '-'")
         per_step = self.train.batch_size * self.model.seq_len
         if self.train.tokens < per_step:
             raise ValueError(

@@ -70,9 +70,7 @@ def train_bpe_tokenizer(text_path: str | Path, vocab_size: int, out_path: str | 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train([str(text_path)], trainer)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,9 +92,7 @@ def read_source(cfg: DataConfig) -> bytes:
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
-    return np.dtype(
-        np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32
-    )
+    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
 @dataclass
@@ -130,9 +126,7 @@ def prepare(cfg: DataConfig) -> TokenData:
         blocks = [ids[i * SPLIT_BLOCK : (i + 1) * SPLIT_BLOCK] for i in range(n_blocks)]
         splits = {
             "train": np.concatenate([b for b, v in zip(blocks, is_val, strict=True) if not v]),
-            "val": np.concatenate(
-                [b for b, v in zip(blocks, is_val, strict=True) if v] or [ids[:0]]
-            ),
+            "val": np.concatenate([b for b, v in zip(blocks, is_val, strict=True) if v] or [ids[:0]]),
         }
         meta = {
             "vocab_size": tok.vocab_size,
@@ -151,15 +145,12 @@ def prepare(cfg: DataConfig) -> TokenData:
     meta = json.loads(meta_path.read_text())
     dtype = np.dtype(meta["dtype"])
     maps = {
-        s: [np.memmap(out / n, dtype=dtype, mode="r") for n in names]
-        for s, names in meta["shards"].items()
+        s: [np.memmap(out / n, dtype=dtype, mode="r") for n in names] for s, names in meta["shards"].items()
     }
     return TokenData(train=maps["train"], val=maps["val"], vocab_size=meta["vocab_size"])
 
 
-def sample_windows(
-    shards: list[np.ndarray], seq_len: int, n: int, rng: np.random.Generator
-) -> torch.Tensor:
+def sample_windows(shards: list[np.ndarray], seq_len: int, n: int, rng: np.random.Generator) -> torch.Tensor:
     """n random contiguous windows of seq_len + 1 tokens (inputs and shifted targets)."""
     lengths = np.array([len(s) - seq_len - 1 for s in shards])
     if lengths.max(initial=-1) < 0:

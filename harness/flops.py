@@ -47,9 +47,7 @@ def param_counts(cfg: LMConfig) -> dict[str, int]:
     return {"params_total": total, "params_nonembed": nonembed, "params_active": total - inactive}
 
 
-def forward_flops(
-    cfg: LMConfig, seq_len: int | None = None, causal_half: bool = False
-) -> dict[str, int]:
+def forward_flops(cfg: LMConfig, seq_len: int | None = None, causal_half: bool = False) -> dict[str, int]:
     fam = get_family(cfg.family)
     return fam.flops_per_token(cfg, seq_len or cfg.seq_len, causal_half=causal_half)
 

@@ -86,14 +86,10 @@ def mlp_flops(d_model: int, d_ff: int, kind: str) -> int:
 
 def mlp_params(d_model: int, d_ff: int, kind: str, bias: bool) -> int:
     n_in = 2 if kind == "swiglu" else 1
-    return (
-        n_in * (d_model * d_ff + (d_ff if bias else 0)) + d_ff * d_model + (d_model if bias else 0)
-    )
+    return n_in * (d_model * d_ff + (d_ff if bias else 0)) + d_ff * d_model + (d_model if bias else 0)
 
 
-def rope_tables(
-    seq_len: int, head_dim: int, base: float = 10000.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles_TF = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
     return angles_TF.cos().float(), angles_TF.sin().float()
@@ -108,9 +104,7 @@ def apply_rope(x_BHTD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(
-        self, d_model: int, n_heads: int, head_dim: int, seq_len: int, rope: bool, bias: bool
-    ):
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, seq_len: int, rope: bool, bias: bool):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, head_dim
         self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=bias)
@@ -187,9 +181,7 @@ class LM(nn.Module):
     `last_metrics` during forward; the backbone collects them into `LMOutput`.
     """
 
-    def __init__(
-        self, cfg: LMConfig, make_block: Callable[[int], nn.Module], learned_pos: bool = False
-    ):
+    def __init__(self, cfg: LMConfig, make_block: Callable[[int], nn.Module], learned_pos: bool = False):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -206,11 +198,7 @@ class LM(nn.Module):
         if isinstance(m, nn.Linear):
             # GPT-2: residual output projections scaled by 1/sqrt(2 n_layers) so the residual
             # stream's variance does not grow with depth.
-            s = (
-                std / math.sqrt(2 * self.cfg.n_layers)
-                if getattr(m, "is_residual_out", False)
-                else std
-            )
+            s = std / math.sqrt(2 * self.cfg.n_layers) if getattr(m, "is_residual_out", False) else std
             nn.init.normal_(m.weight, 0.0, s)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

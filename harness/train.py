@@ -62,11 +62,7 @@ def pick_device(spec: str) -> torch.device:
 
 
 def hardware(device: torch.device) -> dict[str, Any]:
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu"
-    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "device": str(device),
         "device_name": name,
@@ -180,15 +176,11 @@ def train(run: RunConfig) -> dict[str, Any]:
     cfg_path = run_dir / "config.yaml"
     if cfg_path.exists():
         old = yaml.safe_load(cfg_path.read_text())
-        ignore = (
-            "train",
-        )  # how a run executes (device, threads, stop points) may change between attempts
+        ignore = ("train",)  # how a run executes (device, threads, stop points) may change between attempts
         if {k: v for k, v in (old or {}).items() if k not in ignore} != {
             k: v for k, v in cfg_dict.items() if k not in ignore
         } or (old or {}).get("train", {}).get("tokens") != cfg_dict["train"]["tokens"]:
-            raise ValueError(
-                f"{run_dir} holds a run with a different config; use another sweep or run_name"
-            )
+            raise ValueError(f"{run_dir} holds a run with a different config; use another sweep or run_name")
     atomic_write_text(cfg_path, cfg_yaml)
 
     if run.train.threads:
@@ -219,6 +211,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         "tokens": steps * tokens_per_step,
         **counts.as_dict(),
         "flops_train": counts.train * steps * tokens_per_step,
+        "flops_budget": run.train.flops_budget or None,
         "hardware": hardware(device),
     }
     atomic_write_json(run_dir / "summary.json", summary)
@@ -227,9 +220,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     model = build_model(run.model).to(device)
     opt = make_optimizer(model, run.optim)
     autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if device.type == "cuda"
-        else nullcontext
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     )
     loader = WindowLoader(data.train, run.model.seq_len, run.train.batch_size, run.train.seed)
 
@@ -292,12 +283,7 @@ def train(run: RunConfig) -> dict[str, Any]:
                     "tokens_per_s": round(tps, 1),
                 }
                 rec.update({f"aux/{k}": float(v) for k, v in out.aux_losses.items()})
-                rec.update(
-                    {
-                        f"metric/{k}": v.detach().float().cpu().tolist()
-                        for k, v in out.metrics.items()
-                    }
-                )
+                rec.update({f"metric/{k}": v.detach().float().cpu().tolist() for k, v in out.metrics.items()})
                 if is_eval:
                     last_val = rec["val_loss"] = evaluate(model, data, run, device, autocast)
                     log.info(
@@ -313,14 +299,8 @@ def train(run: RunConfig) -> dict[str, Any]:
                 metrics_f.flush()
                 loss_acc, loss_n = 0.0, 0
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{tps:.0f}")
-            stop_now = (
-                run.train.stop_after_steps and step - start_step >= run.train.stop_after_steps
-            )
-            if (
-                step == steps
-                or stop_now
-                or (run.train.ckpt_every and step % run.train.ckpt_every == 0)
-            ):
+            stop_now = run.train.stop_after_steps and step - start_step >= run.train.stop_after_steps
+            if step == steps or stop_now or (run.train.ckpt_every and step % run.train.ckpt_every == 0):
                 save_checkpoint(
                     run_dir,
                     model,

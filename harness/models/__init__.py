@@ -41,9 +41,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", dense.GPT2Config, dense.build, dense.param_count, dense.flops_per_token),
-    "llama": Family(
-        "llama", dense.DenseConfig, dense.build, dense.param_count, dense.flops_per_token
-    ),
+    "llama": Family("llama", dense.DenseConfig, dense.build, dense.param_count, dense.flops_per_token),
 }
 
 
@@ -65,9 +63,7 @@ def make_config(fields: dict[str, Any]) -> LMConfig:
     known = {f.name for f in dataclasses.fields(fam.config)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(
-            f"model family {fam.name!r} has no field(s) {unknown}; known: {sorted(known)}"
-        )
+        raise ValueError(f"model family {fam.name!r} has no field(s) {unknown}; known: {sorted(known)}")
     return fam.config(**fields)
 
 

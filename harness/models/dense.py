@@ -31,9 +31,7 @@ class DenseConfig(LMConfig):
     family: str = "llama"
     n_heads: int = 4
     head_dim: int = 0  # 0: d_model // n_heads
-    d_ff: int = (
-        0  # 0: 4 d_model (gelu) or the Llama rule 8/3 d_model rounded up to a multiple of 16
-    )
+    d_ff: int = 0  # 0: 4 d_model (gelu) or the Llama rule 8/3 d_model rounded up to a multiple of 16
     mlp: str = "swiglu"  # "gelu" | "swiglu"
     pos: str = "rope"  # "rope" | "learned"
 
@@ -43,16 +41,12 @@ class DenseConfig(LMConfig):
             raise ValueError(f"model.n_heads must be >= 1, got {self.n_heads}")
         if self.head_dim == 0:
             if self.d_model % self.n_heads:
-                raise ValueError(
-                    f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
-                )
+                raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
             self.head_dim = self.d_model // self.n_heads
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
         if self.d_ff == 0:
-            self.d_ff = (
-                4 * self.d_model if self.mlp == "gelu" else 16 * -(-8 * self.d_model // 3 // 16)
-            )
+            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else 16 * -(-8 * self.d_model // 3 // 16)
         if self.mlp not in ("gelu", "swiglu"):
             raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.pos not in ("rope", "learned"):
@@ -73,9 +67,7 @@ def build(cfg: DenseConfig) -> LM:
         attn = CausalSelfAttention(
             cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.seq_len, cfg.pos == "rope", cfg.bias
         )
-        return Block(
-            cfg.d_model, cfg.norm, attn, MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias), cfg.bias
-        )
+        return Block(cfg.d_model, cfg.norm, attn, MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias), cfg.bias)
 
     return LM(cfg, make_block, learned_pos=cfg.pos == "learned")
 

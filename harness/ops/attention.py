@@ -9,16 +9,12 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_attention(
-    q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor
-) -> torch.Tensor:
+def causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
     """Fused path: picks flash / memory-efficient / math kernels as the device allows."""
     return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True)
 
 
-def causal_attention_ref(
-    q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor
-) -> torch.Tensor:
+def causal_attention_ref(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
     """What the fused path computes: softmax(q k^T / sqrt(D) + causal mask) v, in fp32."""
     T, S = q_BHTD.shape[-2], k_BHSD.shape[-2]
     scores_BHTS = (q_BHTD.float() @ k_BHSD.float().transpose(-1, -2)) / math.sqrt(q_BHTD.shape[-1])
