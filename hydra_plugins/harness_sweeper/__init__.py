@@ -1,0 +1,139 @@
+"""Hydra sweeper for harness: command-line sweeps crossed with a sweep file's run list.
+
+`harness-train -m sweep=NAME [k=a,b ...]` reads `sweeps/NAME.yaml` when it exists:
+
+    sweep: NAME                      # must equal the file stem
+    common: [train.eval_every=50]    # optional, applied to every run
+    runs:
+      - [model=gpt2, model.d_model=64, train.tokens=1000000]
+      - {run_name: big, overrides: [model=gpt2, model.d_model=128]}
+
+Each run's overrides are combined with every point of the command-line sweep (Hydra's basic
+cartesian grammar; the command line wins on a shared key). Before anything is launched, every job's
+config is composed and validated (unknown family, missing corpus, budget smaller than a batch,
+unsafe Slurm options), and runs whose directory already says "completed" are skipped, so
+relaunching a sweep resumes it. The launcher (local or Slurm via submitit) is Hydra's choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Values that end up in sbatch directives: one shell-safe word each, no spaces, quotes or newlines.
+_SAFE = re.compile(r"[A-Za-z0-9._:,=@%/+-]*")
+_SLURM_STR_FIELDS = ("name", "partition", "qos", "comment", "constraint", "exclude", "gres", "account",
+                     "mem_per_gpu", "mem_per_cpu", "submitit_folder")  # fmt: skip
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(*layers: list[str]) -> list[str]:
+    """Later layers win on a shared key; order within the result follows first appearance."""
+    merged: dict[str, str] = {}
+    for layer in layers:
+        for o in layer:
+            merged[_key(o)] = o
+    return list(merged.values())
+
+
+def load_sweep_file(path: Path, expected_name: str) -> list[list[str]]:
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise HydraException(f"sweep file {path} is not valid YAML: {e}") from e
+    if not isinstance(spec, dict) or not isinstance(spec.get("runs"), list) or not spec["runs"]:
+        raise HydraException(f"sweep file {path} needs a non-empty 'runs:' list")
+    if spec.get("sweep", expected_name) != expected_name:
+        raise HydraException(f"sweep file {path} says sweep: {spec['sweep']!r}, expected {expected_name!r}")
+    common = [str(o) for o in spec.get("common") or []]
+    runs = []
+    for i, r in enumerate(spec["runs"]):
+        if isinstance(r, dict):
+            overrides = [str(o) for o in r.get("overrides") or []]
+            if r.get("run_name"):
+                overrides.append(f"run_name={r['run_name']}")
+        elif isinstance(r, list):
+            overrides = [str(o) for o in r]
+        else:
+            raise HydraException(f"sweep file {path}: run {i} must be a list of overrides or a mapping")
+        runs.append(merge_overrides(common, overrides))
+    return runs
+
+
+def check_slurm_options(launcher_cfg: Any) -> None:
+    if "submitit" not in str(launcher_cfg.get("_target_", "")):
+        return
+    for f in _SLURM_STR_FIELDS:
+        v = launcher_cfg.get(f)
+        if v is not None and not _SAFE.fullmatch(str(v)):
+            raise HydraException(f"hydra.launcher.{f}={v!r} is not a single shell-safe word")
+    for k, v in (launcher_cfg.get("additional_parameters") or {}).items():
+        if not _SAFE.fullmatch(str(k)) or not _SAFE.fullmatch(str(v)):
+            raise HydraException(f"hydra.launcher.additional_parameters {k}={v!r} is not shell-safe")
+
+
+class HarnessSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
+                 sweeps_dir: str = "sweeps") -> None:  # fmt: skip
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.sweeps_dir = sweeps_dir
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from harness.config import to_run_config
+        from harness.train import read_summary
+
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        check_slurm_options(self.config.hydra.launcher)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        parsed = parser.parse_overrides(self._parse_config() + list(arguments))
+        points = BasicSweeper.split_arguments(parsed, None)[0]
+
+        sweep_name = str(self.config.get("sweep", "default"))
+        sweep_file = Path(self.sweeps_dir) / f"{sweep_name}.yaml"
+        runs = load_sweep_file(sweep_file, sweep_name) if sweep_file.exists() else [[]]
+        if sweep_file.exists():
+            log.info("sweep %s: %d runs from %s", sweep_name, len(runs), sweep_file)
+
+        jobs, seen = [], set()
+        for point in points:
+            for run in runs:
+                overrides = merge_overrides(run, list(point))
+                try:
+                    cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+                    rc = to_run_config(cfg, overrides)
+                except Exception as e:  # report which job is broken before launching any
+                    raise HydraException(f"invalid sweep job {overrides}: {e}") from e
+                if rc.run_dir in seen:
+                    raise HydraException(f"two sweep jobs share the run directory {rc.run_dir}")
+                seen.add(rc.run_dir)
+                summary = read_summary(rc.run_dir)
+                if summary and summary.get("status") == "completed":
+                    log.info("skipping completed run %s", rc.run_dir)
+                    continue
+                jobs.append(overrides)
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        log.info("launching %d job(s) (%d already completed)", len(jobs), len(seen) - len(jobs))
+        returns = []
+        n = self.max_batch_size or max(1, len(jobs))
+        for start in range(0, len(jobs), n):
+            results = self.launcher.launch(jobs[start : start + n], initial_job_idx=start)
+            for r in results:
+                _ = r.return_value  # re-raises a job's exception after the batch has run
+            returns.append(results)
+        return returns

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from harness.config import OptimConfig, compose
+from harness.train import lr_at, train
+
+FAST = ["model=llama_tiny", "train.batch_size=4", "train.eval_batches=2", "train.eval_every=5",
+        "train.log_every=1", "train.progress=false"]  # fmt: skip
+
+
+def run_cfg(results_dir, *extra):
+    return compose([*FAST, f"results_dir={results_dir}", *extra])
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_config_metrics_and_summary(results_dir):
+    run = run_cfg(results_dir, "train.tokens=5120")
+    summary = train(run)
+    assert summary["status"] == "completed"
+    d = run.run_dir
+    assert {p.name for p in d.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "ckpt"}
+    recs = read_metrics(d)
+    assert [r["step"] for r in recs] == list(range(1, 21))
+    assert {"step", "tokens", "flops_train", "train_loss", "val_loss", "lr", "wall_s", "tokens_per_s"} <= set(recs[0])
+    s = json.loads((d / "summary.json").read_text())
+    assert s["flops_train"] == s["flops_per_token"] * s["tokens"] == recs[-1]["flops_train"]
+    assert s["final_val_loss"] == recs[-1]["val_loss"]
+    assert s["params_total"] > s["params_nonembed"] > 0
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"]
+
+
+def test_resumed_run_has_the_same_loss_sequence_as_a_straight_run(tmp_path):
+    straight = run_cfg(tmp_path / "a", "train.tokens=7680", "train.ckpt_every=0")
+    train(straight)
+    interrupted = run_cfg(tmp_path / "b", "train.tokens=7680", "train.ckpt_every=0", "train.stop_after_steps=13")
+    first = train(interrupted)
+    assert first["status"] == "running" and first["steps_done"] == 13
+    resumed = run_cfg(tmp_path / "b", "train.tokens=7680", "train.ckpt_every=0")
+    assert resumed.run_dir == interrupted.run_dir
+    assert train(resumed)["status"] == "completed"
+    a, b = read_metrics(straight.run_dir), read_metrics(resumed.run_dir)
+    assert [r["step"] for r in b] == list(range(1, 31))
+    for key in ("train_loss", "val_loss", "lr", "flops_train"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def test_completed_run_is_skipped(results_dir):
+    run = run_cfg(results_dir, "train.tokens=2560")
+    first = train(run)
+    mtime = (run.run_dir / "metrics.jsonl").stat().st_mtime_ns
+    assert train(run) == first
+    assert (run.run_dir / "metrics.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_diverged_run_is_marked_failed(results_dir):
+    summary = train(run_cfg(results_dir, "train.tokens=5120", "optim.lr=1e9", "optim.grad_clip=0"))
+    assert summary["status"] == "failed" and "diverged" in summary["reason"]
+
+
+def test_unknown_family_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown model family 'gtp2'.*gpt2.*llama.*Did you mean 'gpt2'"):
+        compose(["model=gpt2_tiny", "model.family=gtp2"])
+
+
+def test_missing_corpus_file_is_reported():
+    with pytest.raises(ValueError, match="corpus file not found"):
+        compose(["data=text_file", "data.path=/nonexistent/corpus.txt"])
+
+
+def test_budget_smaller_than_one_batch_is_reported():
+    with pytest.raises(ValueError, match=r"smaller than one batch.*4 x model.seq_len=64 = 256"):
+        compose(["model=llama_tiny", "train.batch_size=4", "train.tokens=100"])
+
+
+def test_unknown_model_field_is_reported():
+    with pytest.raises(ValueError, match="has no field"):
+        compose(["model=llama_tiny", "+model.d_modle=3"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules_warm_up_then_end_where_configured(schedule):
+    o = OptimConfig(lr=1.0, min_lr_ratio=0.1, schedule=schedule, warmup_frac=0.1, decay_frac=0.2)
+    lrs = [lr_at(s, 100, o) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert max(lrs) == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(1.0 if schedule == "constant" else 0.1)
+    if schedule == "wsd":
+        assert lrs[79] == pytest.approx(1.0) and lrs[80] < 1.0
