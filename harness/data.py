@@ -3,7 +3,7 @@
 A corpus is tokenized once into memory-mapped shards under `data.cache_dir/<key>/`, where the key
 hashes the source bytes, the tokenizer and the split rule, so a changed file is re-tokenized and an
 unchanged one never is. The split is deterministic: the token stream is cut into blocks of
-`SPLIT_BLOCK` tokens and every k-th block (k = round(1 / val_fraction)) goes to validation, so both
+`SPLIT_BLOCK` tokens (smaller for small corpora) and every k-th block (k = round(1 / val_fraction)) goes to validation, so both
 splits sample every part of the corpus without sharing text.
 
 Batches are random contiguous windows. The windows of step i depend only on (seed, i), so resuming
@@ -121,9 +121,13 @@ def prepare(cfg: DataConfig) -> TokenData:
         log.info("tokenizing %s (%d bytes) with %s into %s", cfg.source, len(raw), tok.name, out)
         ids = tok.encode(raw.decode("utf-8", errors="replace")).astype(_dtype_for(tok.vocab_size))
         every = max(2, round(1 / cfg.val_fraction))
-        n_blocks = -(-len(ids) // SPLIT_BLOCK)
+        # Small corpora get smaller blocks, so validation still gets a dozen of them.
+        block = max(64, min(SPLIT_BLOCK, len(ids) // (12 * every)))
+        n_blocks = -(-len(ids) // block)
+        if n_blocks < every:
+            raise ValueError(f"corpus too small: {len(ids)} tokens cannot give a validation split")
         is_val = (np.arange(n_blocks) % every) == every - 1
-        blocks = [ids[i * SPLIT_BLOCK : (i + 1) * SPLIT_BLOCK] for i in range(n_blocks)]
+        blocks = [ids[i * block : (i + 1) * block] for i in range(n_blocks)]
         splits = {
             "train": np.concatenate([b for b, v in zip(blocks, is_val, strict=True) if not v]),
             "val": np.concatenate([b for b, v in zip(blocks, is_val, strict=True) if v] or [ids[:0]]),
