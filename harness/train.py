@@ -243,7 +243,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         dynamic_ncols=True,
         desc=f"{run.sweep}/{run.run_name}"[:60],
     )
-    last_val = math.nan
+    last_val = last_train = math.nan
     try:
         while step < steps:
             lr = lr_at(step, steps, run.optim)
@@ -286,17 +286,14 @@ def train(run: RunConfig) -> dict[str, Any]:
                 rec.update({f"metric/{k}": v.detach().float().cpu().tolist() for k, v in out.metrics.items()})
                 if is_eval:
                     last_val = rec["val_loss"] = evaluate(model, data, run, device, autocast)
+                    eta_s = (steps - step) * tokens_per_step / max(tps, 1e-9)
                     log.info(
-                        "step %d/%d train %.4f val %.4f lr %.2e %.0f tok/s",
-                        step,
-                        steps,
-                        rec["train_loss"],
-                        last_val,
-                        lr,
-                        tps,
+                        "step %d/%d train %.4f val %.4f lr %.2e %.0f tok/s ETA %.0fs",
+                        *(step, steps, rec["train_loss"], last_val, lr, tps, eta_s),
                     )
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
+                last_train = rec["train_loss"]
                 loss_acc, loss_n = 0.0, 0
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{tps:.0f}")
             stop_now = run.train.stop_after_steps and step - start_step >= run.train.stop_after_steps
@@ -331,7 +328,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         tokens_per_s=round(step * tokens_per_step / max(wall, 1e-9), 1),
     )
     if summary["status"] == "running":
-        summary.update(status="completed", final_val_loss=last_val, final_train_loss=loss_v)
+        summary.update(status="completed", final_val_loss=last_val, final_train_loss=last_train)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
