@@ -25,20 +25,25 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: str = "shakespeare"  # "shakespeare" (embedded) | "text_file"
-    path: str = ""  # text file for source=text_file
+    source: str = "shakespeare"  # "shakespeare" (embedded) | "text_file" | "hf_disk"
+    path: str = ""  # a text file (text_file) or a `datasets.save_to_disk` directory (hf_disk)
+    text_field: str = "text"  # hf_disk: the column holding the text
+    split: str = "train"  # hf_disk: which split of a saved DatasetDict
     tokenizer: str = "byte"  # "byte" (vocab 256) or a path to a Hugging Face tokenizer.json
     val_fraction: float = 0.05
     cache_dir: str = ".cache/data"  # tokenized shards, keyed by content hash
 
     def __post_init__(self) -> None:
-        if self.source not in ("shakespeare", "text_file"):
-            raise ValueError(f"data.source must be 'shakespeare' or 'text_file', got {self.source!r}")
+        if self.source not in ("shakespeare", "text_file", "hf_disk"):
+            raise ValueError(f"data.source must be shakespeare, text_file or hf_disk, got {self.source!r}")
         if self.source == "text_file":
             if not self.path:
                 raise ValueError("data.source=text_file needs data.path=<a text file>")
             if not Path(self.path).is_file():
                 raise ValueError(f"corpus file not found: data.path={self.path!r}")
+        if self.source == "hf_disk" and not (Path(self.path) / "dataset_dict.json").exists() \
+                and not (Path(self.path) / "state.json").exists():  # fmt: skip
+            raise ValueError(f"no dataset saved with datasets.save_to_disk at data.path={self.path!r}")
         if self.tokenizer != "byte" and not Path(self.tokenizer).is_file():
             raise ValueError(f"tokenizer file not found: data.tokenizer={self.tokenizer!r}")
         if not 0 < self.val_fraction < 0.5:

@@ -82,9 +82,28 @@ def get_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
 
 
+def read_hf_disk(path: str | Path, text_field: str, split: str) -> str:
+    """Texts of a Hugging Face dataset saved with `save_to_disk` (a Dataset or a DatasetDict),
+    joined by blank lines. Local files only: no hub access."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("data.source=hf_disk needs the `datasets` package: pip install 'harness[hf]'") from e
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"split {split!r} not in the saved dataset (has {sorted(ds)})")
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise ValueError(f"column {text_field!r} not in the saved dataset (has {ds.column_names})")
+    return "\n\n".join(ds[text_field])
+
+
 def read_source(cfg: DataConfig) -> bytes:
     if cfg.source == "shakespeare":
         return lzma.decompress(EMBEDDED_CORPUS.read_bytes())
+    if cfg.source == "hf_disk":
+        return read_hf_disk(cfg.path, cfg.text_field, cfg.split).encode("utf-8")
     path = Path(cfg.path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file not found: {path}")

@@ -71,3 +71,17 @@ def test_bad_data_config_is_reported(tmp_path):
         DataConfig(tokenizer=str(tmp_path / "nope.json"))
     with pytest.raises(ValueError, match="data.source"):
         DataConfig(source="wikipedia")
+
+
+def test_hugging_face_dataset_on_disk(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the hf extra (datasets) is not installed")
+    rows = [f"Row {i}: to be or not to be." for i in range(2000)]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": rows})}).save_to_disk(str(saved))
+    cfg = DataConfig(source="hf_disk", path=str(saved), text_field="content", cache_dir=str(tmp_path / "c"))
+    data = prepare(cfg)
+    assert data.n_train + data.n_val == len("\n\n".join(rows).encode())
+    with pytest.raises(ValueError, match="column 'text' not in"):
+        prepare(DataConfig(source="hf_disk", path=str(saved), cache_dir=str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="no dataset saved"):
+        DataConfig(source="hf_disk", path=str(tmp_path))
