@@ -170,7 +170,9 @@ def to_run_config(cfg: DictConfig | dict, overrides: list[str] | None = None) ->
     """Composed Hydra config -> validated `RunConfig` (runs every `__post_init__`)."""
     if isinstance(cfg, DictConfig):
         # Hydra's own node holds job-time interpolations (job number...) that cannot resolve here.
-        cfg = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        cfg = OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+        )
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]

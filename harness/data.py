@@ -88,7 +88,9 @@ def read_hf_disk(path: str | Path, text_field: str, split: str) -> str:
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("data.source=hf_disk needs the `datasets` package: pip install 'harness[hf]'") from e
+        raise ImportError(
+            "data.source=hf_disk needs the `datasets` package: pip install 'harness[hf]'"
+        ) from e
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:

@@ -35,7 +35,11 @@ def find_run_dirs(path: str | Path) -> list[Path]:
     root = Path(path)
     found = {p.parent for name in RUN_FILES for p in root.rglob(name)}
     # Hydra's bookkeeping and checkpoints are not runs.
-    return sorted(d for d in found if not any(part.startswith(".") or part == "ckpt" for part in d.relative_to(root).parts))
+    return sorted(
+        d
+        for d in found
+        if not any(part.startswith(".") or part == "ckpt" for part in d.relative_to(root).parts)
+    )
 
 
 def _read_run(d: Path, root: Path) -> dict[str, Any]:
@@ -67,8 +71,13 @@ def _read_run(d: Path, root: Path) -> dict[str, Any]:
         problems.append("config.yaml missing")
 
     model = config.get("model") or {}
-    row.update(family=model.get("family"), arch=model.get("name") or model.get("family"),
-               d_model=model.get("d_model"), n_layers=model.get("n_layers"), seq_len=model.get("seq_len"))
+    row.update(
+        family=model.get("family"),
+        arch=model.get("name") or model.get("family"),
+        d_model=model.get("d_model"),
+        n_layers=model.get("n_layers"),
+        seq_len=model.get("seq_len"),
+    )
     for k in COLUMNS:
         if k in summary and k not in ("path", "run"):
             row[k] = summary[k]
@@ -79,7 +88,9 @@ def _read_run(d: Path, root: Path) -> dict[str, Any]:
     elif status not in ("completed", "failed", "running"):
         row.update(status="corrupt", reason=f"unknown status {status!r} in summary.json")
     elif status == "completed" and not _finite(summary.get("final_val_loss")):
-        row.update(status="failed", reason=summary.get("reason") or "completed without a finite final val loss")
+        row.update(
+            status="failed", reason=summary.get("reason") or "completed without a finite final val loss"
+        )
     return row
 
 
@@ -101,8 +112,13 @@ def collect(path: str | Path) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("causal", "comparable"):
         df[c] = df[c].map(lambda v: bool(v) if v is not None else True).astype(bool)
-    num = [c for c in COLUMNS if c.startswith(("final_", "params_", "flops_")) or c in
-           ("tokens", "steps", "batch_size", "lr", "seq_len", "wall_s", "tokens_per_s", "d_model", "n_layers")]
+    num = [
+        c
+        for c in COLUMNS
+        if c.startswith(("final_", "params_", "flops_"))
+        or c
+        in ("tokens", "steps", "batch_size", "lr", "seq_len", "wall_s", "tokens_per_s", "d_model", "n_layers")
+    ]
     df[num] = df[num].apply(pd.to_numeric, errors="coerce")
     return df.sort_values(["sweep", "run"], kind="stable").reset_index(drop=True)
 
@@ -141,7 +157,9 @@ def curves(path: str | Path) -> pd.DataFrame:
             df[c] = float("nan")
     df["val_loss"] = pd.to_numeric(df["val_loss"], errors="coerce")
     rest = sorted(c for c in df.columns if c not in CURVE_COLUMNS)
-    return df[CURVE_COLUMNS + rest].sort_values(["sweep", "run", "step"], kind="stable").reset_index(drop=True)
+    return (
+        df[CURVE_COLUMNS + rest].sort_values(["sweep", "run", "step"], kind="stable").reset_index(drop=True)
+    )
 
 
 def save_table(df: pd.DataFrame, out_stem: str | Path) -> tuple[Path, Path]:

@@ -1,0 +1,369 @@
+"""Selective state-space scans: Mamba-1's selective scan and Mamba-2's SSD.
+
+Shape legend: B batch, T time, D channels (Mamba-1 d_inner), N state size, H heads, P head dim,
+K chunks, L chunk length (T padded up to K * L), S a second time index inside a chunk.
+
+Each fast path has a `_ref` twin with the same arguments and return values (output, final state;
+the state is None when `final_state=False`, which lets training skip computing it), written as
+the papers write the recurrence: an fp32 loop over time. Only tests and benchmarks call
+the `_ref`s; models pick a backend with `pick_backend`.
+
+Mamba-1 (Gu & Dao 2023, Alg. 2), per channel d and state n, with Delta already through softplus:
+    h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t u_t,     y_t = C_t . h_t + D u_t
+Mamba-2 (Dao & Gu 2024, SSD), per head, with a scalar decay a_t = exp(dt_t A_h):
+    h_t = a_t h_{t-1} + dt_t x_t B_t^T  (P x N),       y_t = h_t C_t + D_h x_t
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Scans accumulate over thousands of steps: never in half precision; fp64 stays fp64 for tests.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def pick_backend(backend: str, x: torch.Tensor) -> str:
+    """ "torch" | "cuda": "auto" takes the mamba-ssm kernels only for CUDA tensors when importable."""
+    if backend == "torch":
+        return "torch"
+    if backend == "cuda":
+        if not x.is_cuda:
+            raise ValueError("backend='cuda' needs CUDA tensors; use backend='auto' or 'torch' on CPU")
+        try:
+            import mamba_ssm  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "backend='cuda' needs the mamba-ssm kernels: pip install -e '.[cuda]' on a CUDA machine"
+            ) from e
+        return "cuda"
+    if backend != "auto":
+        raise ValueError(f"unknown scan backend {backend!r} (torch, cuda, auto)")
+    if not x.is_cuda:
+        return "torch"
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba-1 selective scan
+# ---------------------------------------------------------------------------------------------
+
+
+def selective_scan_step(
+    h_BDN: torch.Tensor,
+    u_BD: torch.Tensor,
+    delta_BD: torch.Tensor,
+    A_DN: torch.Tensor,
+    B_BN: torch.Tensor,
+    C_BN: torch.Tensor,
+    D_D: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the recurrence (zero-order hold for A, Euler for B, as in the paper)."""
+    dA_BDN = torch.exp(delta_BD[..., None] * A_DN)
+    dB_BDN = delta_BD[..., None] * B_BN[:, None, :]
+    h_BDN = dA_BDN * h_BDN + dB_BDN * u_BD[..., None]
+    y_BD = (h_BDN * C_BN[:, None, :]).sum(-1) + D_D * u_BD
+    return y_BD, h_BDN
+
+
+def selective_scan_ref(
+    u_BTD: torch.Tensor,
+    delta_BTD: torch.Tensor,
+    A_DN: torch.Tensor,
+    B_BTN: torch.Tensor,
+    C_BTN: torch.Tensor,
+    D_D: torch.Tensor,
+    h0_BDN: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sequential reference: one `selective_scan_step` per time step. `chunk_size` is unused."""
+    dt = _compute_dtype(u_BTD.dtype)
+    Bsz, T, D = u_BTD.shape
+    h = torch.zeros(Bsz, D, A_DN.shape[1], dtype=dt, device=u_BTD.device) if h0_BDN is None else h0_BDN.to(dt)
+    A, D_ = A_DN.to(dt), D_D.to(dt)
+    # unbind rather than x[:, t]: the backward of each index op allocates a zero gradient the size
+    # of the whole sequence, which would make the reference quadratic in T.
+    ys = []
+    for u, delta, Bt, Ct in zip(*(x.to(dt).unbind(1) for x in (u_BTD, delta_BTD, B_BTN, C_BTN)), strict=True):
+        y, h = selective_scan_step(h, u, delta, A, Bt, Ct, D_)
+        ys.append(y)
+    return torch.stack(ys, 1).to(u_BTD.dtype), (h if final_state else None)
+
+
+def _block_states(u_BTD, delta_BTD, A_DN, B_BTN, h_BDN):
+    """States h_t of one time block from its start state, in place in one (B, Tb, D, N) buffer."""
+    dA_BTDN = torch.exp(delta_BTD[..., None] * A_DN)
+    h_BTDN = (delta_BTD * u_BTD)[..., None] * B_BTN[:, :, None, :]
+    h_BTDN[:, 0].addcmul_(dA_BTDN[:, 0], h_BDN)
+    for t in range(1, h_BTDN.shape[1]):
+        h_BTDN[:, t].addcmul_(dA_BTDN[:, t], h_BTDN[:, t - 1])
+    return h_BTDN, dA_BTDN
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """Time-blocked sequential scan with a hand-written backward that recomputes the states.
+
+    Mamba-1's decay differs per (channel, state), so the scan has no matmul form: on CPU its cost
+    is passes over (B, T, D, N) tensors plus per-step dispatch. Measured at B 2, T 1024, D 512,
+    N 16, one thread: a chunked two-level scan under autograd took 1.46 s forward+backward against
+    0.29 s for the reference loop (autograd keeps and re-reads many full-size intermediates), and
+    whole-sequence (B, T, D, N) buffers lost to page faults and cache misses. So time is cut into
+    blocks of `block` steps, small enough to stay in cache; within a block the
+    recurrence is one in-place `addcmul_` per step. Only block-start states are saved; the
+    backward recomputes each block's states, as the mamba-ssm kernel does. All reductions are
+    products and sums, not matmuls, so FlopCounterMode sees none of this ("ew_scan").
+    """
+
+    @staticmethod
+    def forward(ctx, u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN, block):
+        T = u_BTD.shape[1]
+        y_BTD = torch.empty_like(u_BTD)
+        h_BDN, starts = h0_BDN, []
+        for s in range(0, T, block):
+            e = min(s + block, T)
+            starts.append(h_BDN)
+            h_BTDN, _ = _block_states(u_BTD[:, s:e], delta_BTD[:, s:e], A_DN, B_BTN[:, s:e], h_BDN)
+            y_BTD[:, s:e] = (h_BTDN * C_BTN[:, s:e, None, :]).sum(-1)
+            h_BDN = h_BTDN[:, -1].clone()
+        y_BTD.addcmul_(D_D, u_BTD)
+        ctx.block = block
+        ctx.save_for_backward(u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, torch.stack(starts, 1))
+        return y_BTD, h_BDN
+
+    @staticmethod
+    def backward(ctx, gy_BTD, gh_BDN):
+        u, delta, A, Bm, Cm, D, starts_BKDN = ctx.saved_tensors
+        T, block = u.shape[1], ctx.block
+        if gy_BTD is None:
+            gy_BTD = torch.zeros_like(u)
+        gu, gdelta, gB, gC = (torch.empty_like(t) for t in (u, delta, Bm, Cm))
+        gA = torch.zeros_like(A)
+        # dL/dh at the end of the current block, arriving from the later blocks.
+        g_carry = torch.zeros_like(starts_BKDN[:, 0]) if gh_BDN is None else gh_BDN.clone()
+        for k in reversed(range(starts_BKDN.shape[1])):
+            s, e = k * block, min((k + 1) * block, T)
+            h_start = starts_BKDN[:, k]
+            h_BTDN, dA_BTDN = _block_states(u[:, s:e], delta[:, s:e], A, Bm[:, s:e], h_start)
+            # g_t = dL/dh_t: from y_t directly and from h_{t+1} through the decay (a reverse scan).
+            g_BTDN = gy_BTD[:, s:e, :, None] * Cm[:, s:e, None, :]
+            g_BTDN[:, -1].add_(g_carry)
+            for t in range(e - s - 2, -1, -1):
+                g_BTDN[:, t].addcmul_(dA_BTDN[:, t + 1], g_BTDN[:, t + 1])
+            g_carry = dA_BTDN[:, 0] * g_BTDN[:, 0]
+            # dL/d(Delta A) = g_t h_{t-1} exp(Delta A), built in place in the dA buffer.
+            w_BTDN = dA_BTDN.mul_(g_BTDN)
+            w_BTDN[:, 1:].mul_(h_BTDN[:, :-1])
+            w_BTDN[:, 0].mul_(h_start)
+            gdelta[:, s:e] = (w_BTDN * A).sum(-1)
+            gA += (w_BTDN * delta[:, s:e, :, None]).sum((0, 1))
+            gdu = (g_BTDN * Bm[:, s:e, None, :]).sum(-1)
+            gB[:, s:e] = (g_BTDN * (delta[:, s:e] * u[:, s:e])[..., None]).sum(2)
+            gC[:, s:e] = (h_BTDN * gy_BTD[:, s:e, :, None]).sum(2)
+            gu[:, s:e] = gdu * delta[:, s:e]
+            gdelta[:, s:e] += gdu * u[:, s:e]
+        gu.addcmul_(D, gy_BTD)
+        gD = (gy_BTD * u).sum((0, 1))
+        return gu, gdelta, gA, gB, gC, gD, g_carry, None
+
+
+def selective_scan(
+    u_BTD: torch.Tensor,
+    delta_BTD: torch.Tensor,
+    A_DN: torch.Tensor,
+    B_BTN: torch.Tensor,
+    C_BTN: torch.Tensor,
+    D_D: torch.Tensor,
+    h0_BDN: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CPU fast path: `_SelectiveScan`, with time blocks of `chunk_size` steps."""
+    dt = _compute_dtype(u_BTD.dtype)
+    Bsz, T, D = u_BTD.shape
+    N = A_DN.shape[1]
+    if h0_BDN is None:
+        h0_BDN = torch.zeros(Bsz, D, N, dtype=dt, device=u_BTD.device)
+    args = (t.to(dt) for t in (u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN))
+    y_BTD, h_BDN = _SelectiveScan.apply(*args, max(1, chunk_size))
+    return y_BTD.to(u_BTD.dtype), (h_BDN if final_state else None)
+
+
+def selective_scan_cuda(
+    u_BTD: torch.Tensor,
+    delta_BTD: torch.Tensor,
+    A_DN: torch.Tensor,
+    B_BTN: torch.Tensor,
+    C_BTN: torch.Tensor,
+    D_D: torch.Tensor,
+    h0_BDN: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """mamba-ssm's fused selective-scan kernel (channels-first layout). It takes no initial
+    state, so a call with one runs the torch path instead."""
+    if h0_BDN is not None:
+        return selective_scan(u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN, chunk_size, final_state)
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    out = selective_scan_fn(
+        u_BTD.transpose(1, 2).contiguous(),
+        delta_BTD.transpose(1, 2).contiguous(),
+        A_DN.float(),
+        B_BTN.transpose(1, 2).contiguous(),
+        C_BTN.transpose(1, 2).contiguous(),
+        D_D.float(),
+        return_last_state=final_state,
+    )
+    y_BDT, h_BDN = out if final_state else (out, None)
+    return y_BDT.transpose(1, 2).to(u_BTD.dtype), h_BDN
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba-2 SSD
+# ---------------------------------------------------------------------------------------------
+
+
+def ssd_step(
+    h_BHPN: torch.Tensor,
+    x_BHP: torch.Tensor,
+    dt_BH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BN: torch.Tensor,
+    C_BN: torch.Tensor,
+    D_H: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the SSD recurrence: a scalar decay per head, a rank-1 state update."""
+    a_BH = torch.exp(dt_BH * A_H)
+    upd_BHPN = (dt_BH[..., None] * x_BHP)[..., None] * B_BN[:, None, None, :]
+    h_BHPN = a_BH[..., None, None] * h_BHPN + upd_BHPN
+    y_BHP = (h_BHPN * C_BN[:, None, None, :]).sum(-1) + D_H[:, None] * x_BHP
+    return y_BHP, h_BHPN
+
+
+def ssd_scan_ref(
+    x_BTHP: torch.Tensor,
+    dt_BTH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BTN: torch.Tensor,
+    C_BTN: torch.Tensor,
+    D_H: torch.Tensor,
+    h0_BHPN: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sequential reference: one `ssd_step` per time step. `chunk_size` is unused."""
+    dt = _compute_dtype(x_BTHP.dtype)
+    Bsz, T, H, P = x_BTHP.shape
+    N = B_BTN.shape[-1]
+    h = torch.zeros(Bsz, H, P, N, dtype=dt, device=x_BTHP.device) if h0_BHPN is None else h0_BHPN.to(dt)
+    A, D_ = A_H.to(dt), D_H.to(dt)
+    ys = []  # unbind rather than x[:, t]: see selective_scan_ref
+    for x, dtv, Bt, Ct in zip(*(v.to(dt).unbind(1) for v in (x_BTHP, dt_BTH, B_BTN, C_BTN)), strict=True):
+        y, h = ssd_step(h, x, dtv, A, Bt, Ct, D_)
+        ys.append(y)
+    return torch.stack(ys, 1).to(x_BTHP.dtype), (h if final_state else None)
+
+
+def ssd_scan(
+    x_BTHP: torch.Tensor,
+    dt_BTH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BTN: torch.Tensor,
+    C_BTN: torch.Tensor,
+    D_H: torch.Tensor,
+    h0_BHPN: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked SSD (Dao & Gu 2024, Sec. 6): within a chunk the output is a masked, decayed
+    attention-like product (matmuls); chunk-final states pass between chunks by a K-step loop.
+
+    The four matmuls are what `harness.models.mamba.flops_per_token` counts as "ssd": per padded
+    token 2LN for C B^T and 2LHP for the diagonal blocks; per token of chunks 0..K-2, 2HPN for the
+    chunk states and 2HPN for reading them in chunks 1..K-1 (h0=None, final_state=False).
+    """
+    dt = _compute_dtype(x_BTHP.dtype)
+    Bsz, T, H, P = x_BTHP.shape
+    N = B_BTN.shape[-1]
+    L = max(1, min(chunk_size, T))
+    K = -(-T // L)
+    pad = K * L - T
+    x, dtv, Bm, Cm = (t.to(dt) for t in (x_BTHP, dt_BTH, B_BTN, C_BTN))
+    if pad:
+        # dt = 0 on the padding: decay 1 and no input, so the final state passes through unchanged.
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dtv, Bm, Cm = (F.pad(t, (0, 0, 0, pad)) for t in (dtv, Bm, Cm))
+    x_BKLHP = (x * dtv[..., None]).view(Bsz, K, L, H, P)
+    Bm_BKLN, Cm_BKLN = Bm.view(Bsz, K, L, N), Cm.view(Bsz, K, L, N)
+    acum_BKHL = torch.cumsum((dtv * A_H.to(dt)).view(Bsz, K, L, H), dim=2).transpose(2, 3)
+
+    # Diagonal blocks: y_l = sum_{s<=l} exp(acum_l - acum_s) (C_l . B_s) dt_s x_s. The mask goes on
+    # before exp: above the diagonal the difference is positive and could overflow.
+    causal_LS = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    seg_BKHLS = (acum_BKHL[..., :, None] - acum_BKHL[..., None, :]).masked_fill(~causal_LS, float("-inf"))
+    cb_BKLS = torch.einsum("bkln,bksn->bkls", Cm_BKLN, Bm_BKLN)
+    m_BKHLS = cb_BKLS[:, :, None] * torch.exp(seg_BKHLS)
+    y_BKLHP = torch.einsum("bkhls,bkshp->bklhp", m_BKHLS, x_BKLHP)
+
+    # Chunk-final states (each from a zero start), then carried across chunks. The last chunk's
+    # state only serves as the final state, and chunk 0 reads a carried state only when h0 is
+    # given: skipping both when unneeded saves work and keeps training's backward at exactly twice
+    # the forward's matmuls (nothing computed in the forward goes unused by the backward).
+    n_states = K if final_state else K - 1
+    first = 1 if h0_BHPN is None else 0
+    h = torch.zeros(Bsz, H, P, N, dtype=dt, device=x.device) if h0_BHPN is None else h0_BHPN.to(dt)
+    starts = [h]
+    if n_states > 0:
+        to_end_BKLH = torch.exp(acum_BKHL[:, :n_states, :, -1:] - acum_BKHL[:, :n_states]).transpose(2, 3)
+        st_BKHPN = torch.einsum(
+            "bklhp,bkln->bkhpn", x_BKLHP[:, :n_states] * to_end_BKLH[..., None], Bm_BKLN[:, :n_states]
+        )
+        decay_BKH = torch.exp(acum_BKHL[:, :n_states, :, -1])
+        for decay_BH, st_BHPN in zip(decay_BKH.unbind(1), st_BKHPN.unbind(1), strict=True):
+            starts.append(decay_BH[..., None, None] * starts[-1] + st_BHPN)
+
+    # Off-diagonal part: the carried state read by C_l, decayed from the chunk start to l.
+    if K > first:
+        start_BKHPN = torch.stack(starts[first:K], 1)
+        from_start_BKLH = torch.exp(acum_BKHL[:, first:]).transpose(2, 3)
+        off_BKLHP = (
+            torch.einsum("bkln,bkhpn->bklhp", Cm_BKLN[:, first:], start_BKHPN) * from_start_BKLH[..., None]
+        )
+        y_BKLHP = torch.cat([y_BKLHP[:, :first], y_BKLHP[:, first:] + off_BKLHP], 1)
+    y_BTHP = y_BKLHP.reshape(Bsz, K * L, H, P)[:, :T] + D_H.to(dt)[:, None] * x[:, :T]
+    return y_BTHP.to(x_BTHP.dtype), (starts[K] if final_state else None)
+
+
+def ssd_scan_cuda(
+    x_BTHP: torch.Tensor,
+    dt_BTH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BTN: torch.Tensor,
+    C_BTN: torch.Tensor,
+    D_H: torch.Tensor,
+    h0_BHPN: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """mamba-ssm's Triton SSD kernels (one group of B and C shared by all heads)."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    out = mamba_chunk_scan_combined(
+        x_BTHP,
+        dt_BTH,
+        A_H,
+        B_BTN[:, :, None, :],
+        C_BTN[:, :, None, :],
+        chunk_size,
+        D=D_H,
+        initial_states=h0_BHPN,
+        return_final_states=final_state,
+    )
+    return out if final_state else (out, None)

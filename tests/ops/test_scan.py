@@ -1,0 +1,171 @@
+"""Fast scans against their sequential references: outputs, final states and every gradient, in fp64,
+at lengths on and off the chunk grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.ops import scan
+
+# (batch, T, chunk): on the grid, off it, shorter than one chunk, a single step.
+SHAPES = [(2, 32, 8), (2, 37, 8), (1, 5, 8), (2, 1, 4), (1, 24, 1)]
+IDS = [f"B{b}-T{t}-L{c}" for b, t, c in SHAPES]
+
+
+def _selective_inputs(B: int, T: int, D: int = 6, N: int = 4, dtype=torch.float64) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    return [
+        r(B, T, D),  # u
+        F.softplus(r(B, T, D) - 1),  # delta > 0
+        -torch.rand(D, N, generator=g, dtype=dtype) * 4 - 0.1,  # A < 0
+        r(B, T, N),
+        r(B, T, N),
+        r(D),
+        r(B, D, N),  # h0
+    ]
+
+
+def _ssd_inputs(
+    B: int, T: int, H: int = 3, P: int = 4, N: int = 5, dtype=torch.float64
+) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    return [
+        r(B, T, H, P),
+        F.softplus(r(B, T, H) - 1),
+        -torch.rand(H, generator=g, dtype=dtype) * 4 - 0.1,
+        r(B, T, N),
+        r(B, T, N),
+        r(H),
+        r(B, H, P, N),
+    ]
+
+
+def _outputs_and_grads(fn, inputs, chunk: int, with_h0: bool):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    args = leaves if with_h0 else leaves[:-1]
+    y, h = fn(*args, chunk_size=chunk)
+    # Random cotangents so every gradient path (output and final state) is exercised.
+    g = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + (
+        h * torch.randn(h.shape, generator=g, dtype=h.dtype)
+    ).sum()
+    loss.backward()
+    return y, h, [a.grad for a in args]
+
+
+@pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "given-state"])
+@pytest.mark.parametrize("B,T,chunk", SHAPES, ids=IDS)
+@pytest.mark.parametrize(
+    "fast,ref,make",
+    [
+        (scan.selective_scan, scan.selective_scan_ref, _selective_inputs),
+        (scan.ssd_scan, scan.ssd_scan_ref, _ssd_inputs),
+    ],
+    ids=["mamba1", "mamba2"],
+)
+def test_fast_equals_reference(fast, ref, make, B, T, chunk, with_h0):
+    inputs = make(B, T)
+    y, h, grads = _outputs_and_grads(fast, inputs, chunk, with_h0)
+    y_ref, h_ref, grads_ref = _outputs_and_grads(ref, inputs, chunk, with_h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-9)
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref, strict=True)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-8, msg=lambda m, i=i: f"input {i}: {m}")
+
+
+@pytest.mark.parametrize(
+    "fast,make",
+    [(scan.selective_scan, _selective_inputs), (scan.ssd_scan, _ssd_inputs)],
+    ids=["mamba1", "mamba2"],
+)
+def test_split_sequence_resumes_from_state(fast, make):
+    """Scanning [0, 20) then [20, 45) from the carried state equals scanning [0, 45) at once."""
+    x, dt, A, Bm, Cm, D, _ = make(2, 45)
+    y, h = fast(x, dt, A, Bm, Cm, D, chunk_size=8)
+    y1, h1 = fast(x[:, :20], dt[:, :20], A, Bm[:, :20], Cm[:, :20], D, chunk_size=8)
+    y2, h2 = fast(x[:, 20:], dt[:, 20:], A, Bm[:, 20:], Cm[:, 20:], D, h1, chunk_size=8)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+    torch.testing.assert_close(h2, h)
+
+
+@pytest.mark.parametrize(
+    "fast,make",
+    [(scan.selective_scan, _selective_inputs), (scan.ssd_scan, _ssd_inputs)],
+    ids=["mamba1", "mamba2"],
+)
+def test_fp32_long_decay_stays_finite(fast, make):
+    """Large Delta drives cumulative log-decays far below exp's fp32 range within one chunk; the fast
+    paths must neither overflow nor lose the reference's answer."""
+    x, dt, A, Bm, Cm, D, _ = (t.float() for t in make(1, 64))
+    dt = dt * 50
+    y, h = fast(x, dt, A, Bm, Cm, D, chunk_size=64)
+    y_ref, h_ref = (scan.selective_scan_ref if fast is scan.selective_scan else scan.ssd_scan_ref)(
+        x, dt, A, Bm, Cm, D
+    )
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_half_inputs_compute_in_fp32():
+    x, dt, A, Bm, Cm, D, _ = _ssd_inputs(1, 16)
+    y, h = scan.ssd_scan(x.bfloat16(), dt.bfloat16(), A.float(), Bm.bfloat16(), Cm.bfloat16(), D.float())
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+
+
+def test_pick_backend_on_cpu():
+    x = torch.zeros(1)
+    assert scan.pick_backend("auto", x) == "torch"
+    assert scan.pick_backend("torch", x) == "torch"
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        scan.pick_backend("cuda", x)
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        scan.pick_backend("triton", x)
+
+
+def test_auto_falls_back_with_cuda_hidden(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert scan.pick_backend("auto", torch.zeros(1)) == "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [64, 100], ids=["T64", "T100"])
+def test_cuda_kernels_match_torch(T):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("mamba_ssm", reason="needs the cuda extra (mamba-ssm)")
+    cases = [
+        (
+            scan.selective_scan_cuda,
+            scan.selective_scan,
+            _selective_inputs(2, T, D=64, N=16, dtype=torch.float32),
+        ),
+        (scan.ssd_scan_cuda, scan.ssd_scan, _ssd_inputs(2, T, H=4, P=64, N=16, dtype=torch.float32)),
+    ]
+    for cuda_fn, torch_fn, inputs in cases:
+        inputs = [t.cuda() for t in inputs[:-1]]
+        y, h = cuda_fn(*inputs, chunk_size=64)
+        y_t, h_t = torch_fn(*inputs, chunk_size=64)
+        torch.testing.assert_close(y, y_t, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(h.float(), h_t, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "fast,ref,make",
+    [
+        (scan.selective_scan, scan.selective_scan_ref, _selective_inputs),
+        (scan.ssd_scan, scan.ssd_scan_ref, _ssd_inputs),
+    ],
+    ids=["mamba1", "mamba2"],
+)
+@pytest.mark.parametrize("T", [8, 19], ids=["T8-one-chunk", "T19-three-chunks"])
+def test_without_final_state(fast, ref, make, T):
+    """final_state=False (what the models use) skips the state but not any output term."""
+    inputs = make(2, T)
+    y, h = fast(*inputs, chunk_size=8, final_state=False)
+    y_ref, _ = ref(*inputs)
+    assert h is None
+    torch.testing.assert_close(y, y_ref)
