@@ -1,0 +1,468 @@
+"""Scaling-law fits with bootstrap uncertainty: pure functions, tables in, dataclasses out (R11).
+
+- `fit_frontier`: L(C) = E + A * C^(-alpha) on the lower envelope (Pareto frontier) of runs.
+- `fit_envelope` (Chinchilla approach 1, Hoffmann et al. 2022 sec. 3.1): at each compute C the run
+  whose training curve is lowest gives N_opt(C), D_opt(C); power laws are fitted to those.
+- `fit_isoflop` (approach 2, sec. 3.2): a parabola in log N (and one in log D) per IsoFLOP budget,
+  its vertex is the optimum, power laws over budgets.
+- `fit_parametric` (approach 3, sec. 3.3, as replicated by Besiroglu et al. 2024, "Chinchilla
+  Scaling: A replication attempt"): L(N, D) = E + A/N^alpha + B/D^beta, written as
+  log L = LSE(a - alpha log N, b - beta log D, e) with A, B, E = exp(a), exp(b), exp(e); the sum of
+  Huber losses (delta 1e-3) of log-space residuals is minimised with L-BFGS-B from every point of
+  the grid alpha, beta in {0, .5, .., 2}, e in {-1, -.5, .., 1}, a, b in {0, 5, .., 25}; the best is
+  kept. Bootstrap refits start from the full-sample optimum (a full grid per resample costs 4500
+  fits; the optimum of a resample lies next to the full-sample one).
+
+Every fit carries bootstrap refits (`Fit.samples`, resampling runs with replacement from a passed
+`np.random.Generator`) and gives percentile intervals for each parameter and each prediction.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+
+HUBER_DELTA = 1e-3
+CHINCHILLA_GRID = {
+    "alpha": np.arange(0.0, 2.5, 0.5),
+    "beta": np.arange(0.0, 2.5, 0.5),
+    "e": np.arange(-1.0, 1.5, 0.5),
+    "a": np.arange(0.0, 30.0, 5.0),
+    "b": np.arange(0.0, 30.0, 5.0),
+}
+# Frontier starts are on a centred compute axis (log C - log C_ref), so a = log(L(C_ref) - E).
+FRONTIER_GRID = {
+    "alpha": np.array([0.1, 0.3, 0.9]),
+    "e": np.array([-1.0, 0.0, 1.0]),
+    "a": np.array([-2.0, -0.5, 1.0]),
+}
+MIN_POINTS = {"frontier": 3, "envelope": 2, "isoflop": 3, "parametric": 6}
+N_COL = "params_nonembed"
+LOSS_COL = "final_val_loss"
+
+
+class FitError(ValueError):
+    """Not enough usable data for a fit; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A fitted law: point estimate `theta` and bootstrap refits `samples` (NaN rows: failed refits)."""
+
+    kind: str
+    names: tuple[str, ...]
+    theta: np.ndarray
+    samples: np.ndarray
+    n_points: int
+    model: Callable[..., np.ndarray]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> dict[str, float]:
+        return dict(zip(self.names, map(float, self.theta), strict=True))
+
+    def _ok(self) -> np.ndarray:
+        return self.samples[np.all(np.isfinite(self.samples), axis=1)]
+
+    def ci(self, level: float = 0.95) -> dict[str, tuple[float, float]]:
+        ok, q = self._ok(), 50 * (1 - level)
+        if len(ok) == 0:
+            return {n: (math.nan, math.nan) for n in self.names}
+        lo, hi = np.percentile(ok, [q, 100 - q], axis=0)
+        return {n: (float(lo[i]), float(hi[i])) for i, n in enumerate(self.names)}
+
+    def predict(self, *x: np.ndarray) -> np.ndarray:
+        return self.model(self.theta[None, :], *map(np.asarray, x))[0]
+
+    def interval(self, *x: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        ok, q = self._ok(), 50 * (1 - level)
+        shape = np.broadcast(*map(np.asarray, x)).shape
+        if len(ok) == 0:
+            return np.full(shape, math.nan), np.full(shape, math.nan)
+        pred = self.model(ok, *map(np.asarray, x))
+        return tuple(np.nanpercentile(pred, [q, 100 - q], axis=0))
+
+    def table(self, level: float = 0.95) -> pd.DataFrame:
+        ci = self.ci(level)
+        n_ok = len(self._ok())
+        return pd.DataFrame(
+            [
+                dict(param=n, estimate=float(v), lo=ci[n][0], hi=ci[n][1], n_points=self.n_points,
+                     n_boot=n_ok, n_boot_failed=len(self.samples) - n_ok)
+                for n, v in zip(self.names, self.theta, strict=True)
+            ]
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Compute-optimal allocation N_opt(C) = k_N C^a and D_opt(C) = k_D C^b, and the optima it came from."""
+
+    kind: str
+    n_opt: Fit
+    d_opt: Fit
+    optima: pd.DataFrame
+
+    def table(self, level: float = 0.95) -> pd.DataFrame:
+        a = self.n_opt.table(level).assign(param=lambda t: "N_opt." + t.param)
+        b = self.d_opt.table(level).assign(param=lambda t: "D_opt." + t.param)
+        return pd.concat([a, b], ignore_index=True)
+
+
+def power_law(theta: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """theta rows (k, exponent): k * C^exponent, shape (rows, *C.shape)."""
+    k, p = (theta[:, i].reshape((-1,) + (1,) * np.ndim(c)) for i in range(2))
+    return k * np.asarray(c, dtype=float) ** p
+
+
+def frontier_loss(theta: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """theta rows (E, A, alpha): E + A * C^-alpha."""
+    e, a, al = (theta[:, i].reshape((-1,) + (1,) * np.ndim(c)) for i in range(3))
+    return e + a * np.asarray(c, dtype=float) ** -al
+
+
+def parametric_loss(theta: np.ndarray, n: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """theta rows (E, A, B, alpha, beta): E + A/N^alpha + B/D^beta."""
+    nd = np.ndim(np.broadcast(n, d))
+    e, a, b, al, be = (theta[:, i].reshape((-1,) + (1,) * nd) for i in range(5))
+    return e + a * np.asarray(n, dtype=float) ** -al + b * np.asarray(d, dtype=float) ** -be
+
+
+def frontier_inverse(theta: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Compute at which E + A C^-alpha reaches `loss` (inf where loss <= E)."""
+    e, a, al = (theta[:, i].reshape((-1,) + (1,) * np.ndim(loss)) for i in range(3))
+    gap = np.asarray(loss, dtype=float) - e
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(gap > 0, (a / np.where(gap > 0, gap, 1.0)) ** (1 / al), np.inf)
+
+
+# --- data selection ---------------------------------------------------------------------------
+
+
+def split_usable(runs: pd.DataFrame, loss_col: str = LOSS_COL) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs fits may use, excluded runs with a `why` column). Excluded: not completed, non-finite
+    loss or compute, or marked not comparable (a non-causal mixer's loss is not an LM loss)."""
+    why = pd.Series("", index=runs.index, dtype=object)
+    status = runs["status"].fillna("unknown").astype(str)
+    reason = runs["reason"].fillna("").astype(str) if "reason" in runs else pd.Series("", index=runs.index)
+    why[status != "completed"] = status + np.where(reason != "", ": " + reason, "")
+    loss = pd.to_numeric(runs[loss_col], errors="coerce")
+    flops = pd.to_numeric(runs["flops_train"], errors="coerce")
+    why[(why == "") & ~np.isfinite(loss)] = "non-finite loss (diverged)"
+    why[(why == "") & ~(np.isfinite(flops) & (flops > 0))] = "no training FLOP count"
+    if "comparable" in runs:
+        why[(why == "") & ~runs["comparable"].fillna(True).astype(bool)] = "not comparable (non-causal)"
+    return runs[why == ""].copy(), runs[why != ""].assign(why=why[why != ""])
+
+
+def pareto_frontier(df: pd.DataFrame, x: str = "flops_train", y: str = LOSS_COL) -> pd.DataFrame:
+    """Rows no other row beats on both x (lower) and y (lower), sorted by x."""
+    d = df.sort_values([x, y], kind="stable")
+    best = d[y].cummin().shift(fill_value=np.inf)
+    return d[d[y] < best]
+
+
+# --- the log-sum-exp Huber fit (Hoffmann et al. 2022 eq. 10; Besiroglu et al. 2024) ---------------
+
+
+def _lse_objective(theta: np.ndarray, feats_t: np.ndarray, log_l: np.ndarray, delta: float):
+    """Sum of Huber(LSE(e, c_j - s_j f_j) - log L) and its gradient; theta = (e, c_1..c_m, s_1..s_m),
+    feats_t (m, n). With c = clip(r, -delta, delta), Huber(r) = c (r - c/2) in both branches."""
+    m = feats_t.shape[0]
+    t = theta[1 : m + 1, None] - theta[m + 1 :, None] * feats_t
+    mx = np.maximum(t.max(axis=0), theta[0])  # log-sum-exp shift: N^-alpha underflows otherwise
+    w = np.exp(t - mx)
+    w0 = np.exp(theta[0] - mx)
+    s = w0 + w.sum(axis=0)
+    r = mx + np.log(s) - log_l
+    c = np.clip(r, -delta, delta)
+    gw = w * (c / s)
+    grad = np.empty(2 * m + 1)
+    grad[0] = (c / s) @ w0
+    grad[1 : m + 1] = gw.sum(axis=1)
+    grad[m + 1 :] = -(gw * feats_t).sum(axis=1)
+    return float(c @ (r - 0.5 * c)), grad
+
+
+# The default stop (relative reduction 1e7 * eps) ends a warm-started refit within a few steps on
+# this flat objective (values ~1e-3), which shrinks bootstrap intervals to nothing (measured: A moved
+# 0.01% where the converged refit moves it 50%); the grid keeps the defaults, its best is polished.
+TIGHT = {"ftol": 1e-14, "gtol": 1e-10, "maxiter": 2000}
+
+
+def _lse_fit(feats: np.ndarray, log_l: np.ndarray, starts: np.ndarray, delta: float,
+             options: dict | None = None) -> tuple[np.ndarray, float]:  # fmt: skip
+    """L-BFGS-B from every start (feats (n, m)), keep the lowest objective (ties: the first start)."""
+    feats_t = np.ascontiguousarray(feats.T)
+    best, best_f = np.full(starts.shape[1], np.nan), np.inf
+    for x0 in starts:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            res = minimize(_lse_objective, x0, args=(feats_t, log_l, delta), jac=True, method="L-BFGS-B",
+                           options=options)  # fmt: skip
+        if np.isfinite(res.fun) and res.fun < best_f and np.all(np.isfinite(res.x)):
+            best, best_f = res.x, float(res.fun)
+    return best, best_f
+
+
+def _grid_fit(
+    feats: np.ndarray, log_l: np.ndarray, starts: np.ndarray, delta: float
+) -> tuple[np.ndarray, float]:
+    best, f = _lse_fit(feats, log_l, starts, delta)
+    if not np.isfinite(f):
+        raise FitError("no start of the grid gave a finite objective")
+    polished, pf = _lse_fit(feats, log_l, best[None], delta, TIGHT)
+    return (polished, pf) if pf <= f else (best, f)
+
+
+def _grid(grid: dict[str, np.ndarray], order: list[str]) -> np.ndarray:
+    return np.array(list(itertools.product(*(grid[k] for k in order))), dtype=float)
+
+
+def _bootstrap(n: int, n_boot: int, rng: np.random.Generator, refit: Callable[[np.ndarray], np.ndarray], width: int,
+               strata: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Refits on `n_boot` resamples of row indices (within each stratum if given); NaN rows where a
+    resample cannot be fitted. Indices are drawn up front so results do not depend on refit order."""
+    if strata is None:
+        draws = [rng.integers(0, n, n) for _ in range(n_boot)]
+    else:
+        groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+        draws = [np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups]) for _ in range(n_boot)]
+    out = np.full((n_boot, width), np.nan)
+    for i, idx in enumerate(draws):
+        try:
+            out[i] = refit(idx)
+        except FitError:
+            pass
+    return out
+
+
+def _need(kind: str, n: int, what: str) -> None:
+    if n < MIN_POINTS[kind]:
+        raise FitError(f"{kind} fit needs at least {MIN_POINTS[kind]} {what}, got {n}")
+
+
+# --- compute frontier ----------------------------------------------------------------------------
+
+
+def fit_frontier(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200, x: str = "flops_train",
+                 y: str = LOSS_COL, delta: float = HUBER_DELTA) -> Fit:  # fmt: skip
+    """L(C) = E + A C^-alpha on the Pareto frontier of (C, L); resamples redraw runs and redo the frontier."""
+    c_all, l_all = runs[x].to_numpy(float), runs[y].to_numpy(float)
+    log_ref = float(np.mean(np.log(c_all))) if len(c_all) else 0.0
+    starts = _grid(FRONTIER_GRID, ["e", "a", "alpha"])
+
+    def fit(idx: np.ndarray, x0: np.ndarray | None = None) -> np.ndarray:
+        f = pareto_frontier(pd.DataFrame({"c": c_all[idx], "l": l_all[idx]}), "c", "l")
+        _need("frontier", len(f), "runs on the compute frontier")
+        feats = (np.log(f["c"].to_numpy()) - log_ref)[:, None]
+        log_l = np.log(f["l"].to_numpy())
+        th = (
+            _grid_fit(feats, log_l, starts, delta)[0]
+            if x0 is None
+            else _lse_fit(feats, log_l, x0[None], delta, TIGHT)[0]
+        )
+        e, a, al = th
+        return np.array([math.exp(e), math.exp(a + al * log_ref), al])
+
+    theta = fit(np.arange(len(c_all)))
+    x0 = np.array([math.log(theta[0]), math.log(theta[1]) - theta[2] * log_ref, theta[2]])
+    samples = _bootstrap(len(c_all), n_boot, rng, lambda i: fit(i, x0), 3)
+    n_front = len(pareto_frontier(runs, x, y))
+    return Fit("frontier", ("E", "A", "alpha"), theta, samples, n_front, frontier_loss)
+
+
+# --- approach 3: parametric L(N, D) --------------------------------------------------------------
+
+
+def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, rng: np.random.Generator, n_boot: int = 200,
+                   grid: dict[str, np.ndarray] | None = None, delta: float = HUBER_DELTA) -> Fit:  # fmt: skip
+    """Approach 3 (module docstring). Returns theta = (E, A, B, alpha, beta)."""
+    n, d, loss = (np.asarray(v, dtype=float) for v in (n, d, loss))
+    _need("parametric", len(n), "runs")
+    if len(np.unique(n)) < 2 or len(np.unique(d)) < 2:
+        raise FitError("parametric fit needs runs at two or more model sizes and two or more token counts")
+    feats = np.log(np.stack([n, d], axis=1))
+    log_l = np.log(loss)
+    # internal order (e, a, b, alpha, beta) matches _lse_objective's (e, c1, c2, s1, s2)
+    starts = _grid(grid or CHINCHILLA_GRID, ["e", "a", "b", "alpha", "beta"])
+    best, obj = _grid_fit(feats, log_l, starts, delta)
+
+    def public(th: np.ndarray) -> np.ndarray:
+        e, a, b, al, be = th
+        return np.array([math.exp(e), math.exp(a), math.exp(b), al, be])
+
+    def refit(idx: np.ndarray) -> np.ndarray:
+        if len(np.unique(n[idx])) < 2 or len(np.unique(d[idx])) < 2:
+            raise FitError("degenerate resample")
+        with np.errstate(over="ignore"):
+            return public(_lse_fit(feats[idx], log_l[idx], best[None], delta, TIGHT)[0])
+
+    samples = _bootstrap(len(n), n_boot, rng, refit, 5)
+    return Fit("parametric", ("E", "A", "B", "alpha", "beta"), public(best), samples, len(n), parametric_loss,
+               extra={"objective": obj, "n_starts": len(starts)})  # fmt: skip
+
+
+def parametric_allocation(fit: Fit, flops_per_nd: float = 6.0) -> Allocation:
+    """N_opt(C), D_opt(C) implied by an approach-3 fit under C = k N D (Hoffmann et al. eq. 4):
+    N_opt = G (C/k)^a, D_opt = G^-1 (C/k)^b, a = beta/(alpha+beta), b = alpha/(alpha+beta),
+    G = (alpha A / (beta B))^(1/(alpha+beta))."""
+
+    def derive(th: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e, a_, b_, al, be = th.T
+        with np.errstate(all="ignore"):
+            g = (al * a_ / (be * b_)) ** (1 / (al + be))
+            ea, eb = be / (al + be), al / (al + be)
+            return np.stack([g * flops_per_nd**-ea, ea], 1), np.stack([flops_per_nd**-eb / g, eb], 1)
+
+    (tn,), (td,) = (v for v in derive(fit.theta[None]))
+    sn, sd = derive(fit.samples)
+    mk = lambda th, s: Fit("parametric", ("k", "exponent"), th, s, fit.n_points, power_law)
+    return Allocation("parametric", mk(tn, sn), mk(td, sd), pd.DataFrame())
+
+
+# --- approaches 1 and 2: optima, then power laws -------------------------------------------------
+
+
+def _power_fit(c: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Least squares of log v = log k + p log C; returns (k, p)."""
+    ok = np.isfinite(c) & np.isfinite(v) & (v > 0)
+    if ok.sum() < 2 or len(np.unique(c[ok])) < 2:
+        raise FitError("a power law needs optima at two or more compute values")
+    p, logk = np.polyfit(np.log(c[ok]), np.log(v[ok]), 1)
+    return np.array([math.exp(logk), p])
+
+
+def _allocation(kind: str, optima_fn: Callable[[np.ndarray], pd.DataFrame], n_rows: int, n_boot: int,
+                rng: np.random.Generator, strata: np.ndarray | None = None) -> Allocation:  # fmt: skip
+    def fit(idx: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+        o = optima_fn(idx)
+        c = o["flops"].to_numpy(float)
+        return o, np.concatenate(
+            [_power_fit(c, o["N_opt"].to_numpy(float)), _power_fit(c, o["D_opt"].to_numpy(float))]
+        )
+
+    optima, theta = fit(np.arange(n_rows))
+    samples = _bootstrap(n_rows, n_boot, rng, lambda i: fit(i)[1], 4, strata)
+    mk = lambda sl: Fit(kind, ("k", "exponent"), theta[sl], samples[:, sl], len(optima), power_law)
+    return Allocation(kind, mk(slice(0, 2)), mk(slice(2, 4)), optima)
+
+
+def fit_envelope(curves: pd.DataFrame, runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200,
+                 n_grid: int = 50, loss_col: str = "val_loss", n_col: str = N_COL) -> Allocation:  # fmt: skip
+    """Approach 1: on `n_grid` log-spaced compute values the run with the lowest (log-C-interpolated)
+    loss gives N_opt(C) (its size) and D_opt(C) (its tokens at C). Resamples redraw whole runs."""
+    keys = runs[["sweep", "run", n_col]].rename(columns={n_col: "N"})
+    cv = curves.merge(keys, on=["sweep", "run"])
+    cv = cv[np.isfinite(cv[loss_col]) & (cv["flops_train"] > 0) & np.isfinite(cv["N"])]
+    per_run = [
+        (g["flops_train"].to_numpy(float), g[loss_col].to_numpy(float), g["tokens"].to_numpy(float), float(g["N"].iloc[0]))
+        for _, g in cv.sort_values("flops_train", kind="stable").groupby(["sweep", "run"], sort=True)
+        if len(g) >= 2
+    ]  # fmt: skip
+    _need("envelope", len(per_run), "runs with two or more evaluated points")
+    lo = min(math.log(r[0][0]) for r in per_run)
+    hi = max(math.log(r[0][-1]) for r in per_run)
+    grid = np.exp(np.linspace(lo, hi, n_grid))
+
+    def optima(idx: np.ndarray) -> pd.DataFrame:
+        rows = []
+        for c in grid:
+            best = None
+            for j in np.unique(idx):
+                fc, fl, ft, nn = per_run[j]
+                if fc[0] <= c <= fc[-1]:
+                    lv = np.interp(math.log(c), np.log(fc), fl)
+                    if best is None or lv < best[0]:
+                        best = (lv, nn, np.interp(math.log(c), np.log(fc), ft))
+            if best is not None:
+                rows.append(dict(flops=c, L_opt=best[0], N_opt=best[1], D_opt=best[2]))
+        o = pd.DataFrame(rows, columns=["flops", "L_opt", "N_opt", "D_opt"])
+        if o["N_opt"].nunique() < 2:
+            raise FitError("envelope fit needs two or more runs on the lower envelope of the training curves")
+        return o
+
+    return _allocation("envelope", optima, len(per_run), n_boot, rng)
+
+
+def isoflop_parabolas(runs: pd.DataFrame, budget_col: str = "flops_budget", n_col: str = N_COL,
+                      loss_col: str = LOSS_COL) -> pd.DataFrame:  # fmt: skip
+    """One row per budget: parabola coefficients of L in log N and in log D (highest power first) and
+    the vertices. `ok` is False where the parabola opens downward or there are too few sizes."""
+    rows = []
+    for budget, g in runs[np.isfinite(runs[budget_col])].groupby(budget_col, sort=True):
+        row = dict(flops=float(budget), n_runs=len(g), ok=False)
+        for col, name in ((n_col, "N"), ("tokens", "D")):
+            x, y = np.log(g[col].to_numpy(float)), g[loss_col].to_numpy(float)
+            if len(np.unique(x)) < MIN_POINTS["isoflop"]:
+                row.update({f"{name}_opt": math.nan, f"{name}_coef": None})
+                continue
+            p = np.polyfit(x, y, 2)
+            row[f"{name}_coef"] = p
+            row[f"{name}_opt"] = math.exp(-p[1] / (2 * p[0])) if p[0] > 0 else math.nan
+        row["ok"] = bool(np.isfinite(row["N_opt"]) and np.isfinite(row["D_opt"]))
+        if row["ok"]:
+            p = row["N_coef"]
+            row["L_opt"] = float(np.polyval(p, math.log(row["N_opt"])))
+        rows.append(row)
+    cols = ["flops", "n_runs", "ok", "N_opt", "D_opt", "L_opt", "N_coef", "D_coef"]
+    return pd.DataFrame(rows).reindex(columns=cols)
+
+
+def fit_isoflop(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200, budget_col: str = "flops_budget",
+                n_col: str = N_COL, loss_col: str = LOSS_COL) -> Allocation:  # fmt: skip
+    """Approach 2: parabola vertices per budget, then power laws over budgets. Resamples redraw runs
+    within each budget, so every budget keeps its size."""
+    r = runs[np.isfinite(runs[budget_col].astype(float))].reset_index(drop=True)
+    if r.empty:
+        raise FitError("IsoFLOP fit needs runs with a flops_budget; none have one")
+
+    def optima(idx: np.ndarray) -> pd.DataFrame:
+        o = isoflop_parabolas(r.iloc[idx], budget_col, n_col, loss_col)
+        o = o[o["ok"]]
+        if len(o) < 2:
+            raise FitError(
+                "IsoFLOP fit needs two or more budgets, each with three or more model sizes and a convex parabola"
+            )
+        return o.reset_index(drop=True)
+
+    return _allocation("isoflop", optima, len(r), n_boot, rng, strata=r[budget_col].to_numpy(float))
+
+
+# --- comparisons at fixed compute ----------------------------------------------------------------
+
+
+def compute_multiplier(
+    fit: Fit, baseline: Fit, flops: float, level: float = 0.95
+) -> tuple[float, float, float]:
+    """How many times `flops` the baseline needs to reach the loss `fit` predicts at `flops`
+    (> 1: `fit` is more compute-efficient). Bootstrap draws of the two independent fits are paired by index."""
+    est = float(frontier_inverse(baseline.theta[None], fit.predict(flops))[0] / flops)
+    a, b = fit._ok(), baseline._ok()
+    k = min(len(a), len(b))
+    if k == 0:
+        return est, math.nan, math.nan
+    loss = frontier_loss(a[:k], np.array(flops))
+    mult = np.array([frontier_inverse(b[i : i + 1], loss[i])[0] for i in range(k)]) / flops
+    q = 50 * (1 - level)
+    with np.errstate(invalid="ignore"):  # inf draws (loss below the baseline's E) are legitimate
+        lo, hi = np.percentile(mult, [q, 100 - q])
+    return est, float(lo), float(hi)
+
+
+def loss_difference(fit_a: Fit, fit_b: Fit, flops: float, level: float = 0.95) -> tuple[float, float, float]:
+    """Predicted loss of a minus b at `flops`, with a bootstrap interval; excluding 0 = distinguishable."""
+    est = float(fit_a.predict(flops) - fit_b.predict(flops))
+    a, b = fit_a._ok(), fit_b._ok()
+    k = min(len(a), len(b))
+    if k == 0:
+        return est, math.nan, math.nan
+    diff = frontier_loss(a[:k], np.array(flops)) - frontier_loss(b[:k], np.array(flops))
+    q = 50 * (1 - level)
+    lo, hi = np.percentile(diff, [q, 100 - q])
+    return est, float(lo), float(hi)

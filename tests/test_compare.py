@@ -1,0 +1,58 @@
+"""harness-compare: the fixed-compute table, the multiplier against the dense baseline, the CLI."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from harness import compare as C
+from harness.results import collect
+from tests.test_report import make_results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> pd.DataFrame:
+    import warnings
+
+    root = make_results(tmp_path_factory.mktemp("c") / "demo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return collect(root)
+
+
+def test_table_has_prediction_interval_best_run_and_multiplier(runs):
+    table, pairs = C.compare(runs, 1e13, n_boot=40)
+    assert table.attrs["baseline"] == "llama"
+    t = table.set_index("arch")
+    for arch in ("llama", "switch"):
+        assert t.loc[arch, "loss_lo"] <= t.loc[arch, "loss_pred"] <= t.loc[arch, "loss_hi"]
+        assert 5e12 <= t.loc[arch, "best_run_flops"] <= 2e13
+    assert t.loc["llama", "multiplier"] == pytest.approx(1.0, rel=1e-6)
+    # switch's planted A is 0.8x the dense one: it reaches each loss with less compute
+    assert t.loc["switch", "multiplier"] > 1.0
+    assert t.loc["switch", "loss_pred"] < t.loc["llama", "loss_pred"]
+    assert pairs.loc[0, ["arch_a", "arch_b"]].tolist() == ["llama", "switch"]
+    assert pairs.loc[0, "distinguishable"]
+
+
+def test_baseline_choice(runs):
+    assert C.default_baseline(runs) == "llama"
+    assert C.default_baseline(runs[runs["arch"] == "switch"]) is None
+
+
+def test_markdown_table_formats_and_escapes():
+    md = C.markdown_table(pd.DataFrame({"a": [1.23456789, float("nan")], "b": ["x|y", None]}))
+    assert md.splitlines() == ["| a | b |", "|---|---|", "| 1.235 | x/y |", "|  |  |"]
+
+
+def test_cli_prints_and_saves(tmp_path, capsys):
+    root = make_results(tmp_path / "demo", budgets=(1e12, 1e13), sizes=3)
+    assert C.main([str(root), "--flops", "1e13", "--bootstrap", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "Fixed-compute comparison" in out and "switch" in out
+    assert (root / "report" / "compare_1e13.csv").exists() and (root / "report" / "compare_1e13.md").exists()
+
+
+def test_cli_missing_directory(tmp_path, capsys):
+    assert C.main([str(tmp_path / "nope"), "--flops", "1e15"]) == 2
+    assert "not found" in capsys.readouterr().err
