@@ -308,9 +308,11 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
     fits = fit_all(kept, curves, n_boot, seed, grid)
 
     files: dict[str, bytes | str] = {}
-    files["runs.csv"] = to_csv(
-        runs.reindex(columns=RUN_COLS + ["reason"]).sort_values(["arch", "run"], kind="stable")
-    )
+    run_table = runs.reindex(columns=RUN_COLS + ["reason"]).sort_values(["arch", "run"], kind="stable")
+    files["runs.csv"] = to_csv(run_table)
+    buf = io.BytesIO()
+    run_table.to_parquet(buf, index=False)
+    files["runs.parquet"] = buf.getvalue()
     excl = excluded.reindex(columns=["arch", "run", "status", "why"]).sort_values(
         ["arch", "run"], kind="stable"
     )

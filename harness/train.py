@@ -282,7 +282,7 @@ def train(run: RunConfig) -> dict[str, Any]:
                     "wall_s": round(wall, 3),
                     "tokens_per_s": round(tps, 1),
                 }
-                rec.update({f"aux/{k}": float(v) for k, v in out.aux_losses.items()})
+                rec.update({f"aux/{k}": float(v.detach()) for k, v in out.aux_losses.items()})
                 rec.update({f"metric/{k}": v.detach().float().cpu().tolist() for k, v in out.metrics.items()})
                 if is_eval:
                     last_val = rec["val_loss"] = evaluate(model, data, run, device, autocast)

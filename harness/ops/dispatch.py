@@ -1,0 +1,269 @@
+"""Sparse Mixture-of-Experts routing and dispatch.
+
+Shape legend: B batch, T time, N tokens (B*T), D d_model, E experts, K experts per token (top_k),
+C expert capacity (slots per expert per sequence), F expert hidden width, H = 2F (gate and up
+projections of a SwiGLU expert, stored side by side), A routed (token, expert) assignments.
+
+Routing produces a flat list of assignments `(tok_A, exp_A, gate_A)`: token `tok_A[a]` goes to
+expert `exp_A[a]` and its output is scaled by `gate_A[a]`. Every router (token choice, expert
+choice, with or without capacity) reduces to this list, so one dispatch serves them all:
+
+    y[t] = sum over a with tok_A[a] = t of gate_A[a] * Expert_{exp_A[a]}(x[t])     (Shazeer et al. 2017, eq. 1)
+
+`expert_mlp` (fast: sort by expert, one batched matmul) and `expert_mlp_ref` (the loop above, one
+expert at a time) compute the same thing. `capacity_keep` decides which assignments fit into an
+expert's capacity; `capacity_keep_ref` is its loop twin.
+
+Capacity priority rule: within one sequence, assignments are served in position order (token t
+before t+1), and a token's first choice before its second. An expert accepts assignments until it
+holds C of them; later ones are dropped and the token keeps only its residual for that choice.
+Because the rule looks only at earlier positions, dropping stays causal. (Priority by router
+score, "batch prioritized routing", would let a future token evict a past one.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+TOKEN_ROUTERS = ("topk_softmax", "softmax_topk", "switch", "noisy_topk")
+ROUTERS = (*TOKEN_ROUTERS, "expert_choice")
+
+
+def capacity(tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert for a group of `tokens` tokens (Fedus et al. 2021): cf * tokens * k / E."""
+    return max(1, math.ceil(capacity_factor * tokens * top_k / n_experts))
+
+
+def capacity_keep(exp_BTK: torch.Tensor, n_experts: int, cap: int) -> torch.Tensor:
+    """Which assignments fit, under the position-order priority rule (module docstring)."""
+    B, T, K = exp_BTK.shape
+    onehot_BAE = F.one_hot(exp_BTK.reshape(B, T * K), n_experts)  # assignments in (t, k) order
+    pos_BA = (onehot_BAE.cumsum(1) * onehot_BAE).sum(-1) - 1  # rank of each assignment at its expert
+    return (pos_BA < cap).view(B, T, K)
+
+
+def capacity_keep_ref(exp_BTK: torch.Tensor, n_experts: int, cap: int) -> torch.Tensor:
+    B, T, K = exp_BTK.shape
+    keep = torch.zeros(B, T, K, dtype=torch.bool)
+    for b in range(B):
+        used = [0] * n_experts
+        for t in range(T):
+            for k in range(K):
+                e = int(exp_BTK[b, t, k])
+                if used[e] < cap:
+                    keep[b, t, k] = True
+                    used[e] += 1
+    return keep.to(exp_BTK.device)
+
+
+def _swiglu(h_XH: torch.Tensor) -> torch.Tensor:
+    g, u = h_XH.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+class _RowGather(torch.autograd.Function):
+    """out[m] = sum_j src[fwd_MJ[m, j]], where index S (one past the last row) reads a zero row.
+
+    The backward is the same operation with the transposed table `bwd_SJ` (for each source row,
+    the output rows that read it), so both directions are plain gathers. Autograd's own backward of
+    an index gather is a scatter-add, which on CPU was the largest cost of the whole dispatch
+    (about a third of forward+backward time at 8 experts)."""
+
+    @staticmethod
+    def forward(ctx, src_SD: torch.Tensor, fwd_MJ: torch.Tensor, bwd_SJ: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(bwd_SJ)
+        return _gather_sum(src_SD, fwd_MJ)
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):
+        (bwd_SJ,) = ctx.saved_tensors
+        return _gather_sum(grad_MD.contiguous(), bwd_SJ), None, None
+
+
+def _gather_sum(src_SD: torch.Tensor, idx_MJ: torch.Tensor) -> torch.Tensor:
+    pad = torch.cat([src_SD, src_SD.new_zeros(1, src_SD.shape[1])])
+    if idx_MJ.shape[1] == 1:
+        return pad.index_select(0, idx_MJ[:, 0])
+    return pad.index_select(0, idx_MJ.reshape(-1)).view(*idx_MJ.shape, -1).sum(1)
+
+
+def _inverse_table(rows_A: torch.Tensor, n_rows: int, vals_A: torch.Tensor, pad: int) -> torch.Tensor:
+    """(n_rows, J) table listing, for each row, the `vals_A` of the assignments in it (pad elsewhere)."""
+    order = torch.argsort(rows_A, stable=True)
+    rows_s, vals_s = rows_A[order], vals_A[order]
+    counts = torch.bincount(rows_s, minlength=n_rows)
+    J = max(1, int(counts.max()))
+    rank = torch.arange(rows_s.numel(), device=rows_s.device) - (counts.cumsum(0) - counts)[rows_s]
+    table = torch.full((n_rows, J), pad, dtype=torch.long, device=rows_s.device)
+    table[rows_s, rank] = vals_s
+    return table
+
+
+def expert_mlp(
+    x_ND: torch.Tensor,
+    w_up_EDH: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+    tok_A: torch.Tensor,
+    exp_A: torch.Tensor,
+    gate_A: torch.Tensor,
+) -> torch.Tensor:
+    """Fast dispatch: sort assignments by expert, pack each expert's tokens into a padded slab
+    (E, L, D) with L the largest expert load, run the SwiGLU experts as two batched matmuls, and
+    sum each token's gated rows back. Padding rows are zeros and cost only FLOPs. Two host syncs
+    (L and the most assignments of one token) fix the shapes."""
+    N, D = x_ND.shape
+    E = w_up_EDH.shape[0]
+    if tok_A.numel() == 0:
+        return torch.zeros_like(x_ND) + 0 * (w_up_EDH.sum() + w_down_EFD.sum())  # keep grads defined
+    order_A = torch.argsort(exp_A, stable=True)
+    exp_s, tok_s, gate_s = exp_A[order_A], tok_A[order_A], gate_A[order_A]
+    counts_E = torch.bincount(exp_s, minlength=E)
+    L = int(counts_E.max())
+    R = E * L  # slab rows
+    row_A = (
+        exp_s * L + torch.arange(exp_s.numel(), device=x_ND.device) - (counts_E.cumsum(0) - counts_E)[exp_s]
+    )
+    src_R1 = torch.full((R, 1), N, dtype=torch.long, device=x_ND.device).index_put_((row_A,), tok_s[:, None])
+    rows_NJ = _inverse_table(tok_s, N, row_A, pad=R)
+    slab_ELD = _RowGather.apply(x_ND, src_R1, rows_NJ).view(E, L, D)
+    out_ELD = torch.bmm(_swiglu(torch.bmm(slab_ELD, w_up_EDH)), w_down_EFD)
+    gate_R = gate_s.new_zeros(R).index_copy(0, row_A, gate_s)
+    out_RD = out_ELD.reshape(R, D) * gate_R.to(out_ELD.dtype)[:, None]
+    return _RowGather.apply(out_RD, rows_NJ, src_R1).to(x_ND.dtype)  # under autocast the matmuls ran in bf16
+
+
+def expert_mlp_ref(
+    x_ND: torch.Tensor,
+    w_up_EDH: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+    tok_A: torch.Tensor,
+    exp_A: torch.Tensor,
+    gate_A: torch.Tensor,
+) -> torch.Tensor:
+    """Loop over experts: each expert runs on the tokens routed to it (fp32, or fp64 if given)."""
+    ct = torch.promote_types(x_ND.dtype, torch.float32)
+    x = x_ND.to(ct)
+    y_ND = torch.zeros_like(x)
+    # unbind, not w[e]: indexing one expert per step would materialise a full-size gradient of the
+    # stacked weights for every expert in the backward pass.
+    for e, (w_up_DH, w_down_FD) in enumerate(
+        zip(w_up_EDH.to(ct).unbind(0), w_down_EFD.to(ct).unbind(0), strict=True)
+    ):
+        sel = exp_A == e
+        tok = tok_A[sel]
+        h = x[tok] @ w_up_DH
+        out = _swiglu(h) @ w_down_FD
+        y_ND = y_ND.index_add(0, tok, out * gate_A[sel].to(ct)[:, None])
+    return y_ND.to(x_ND.dtype)
+
+
+def route(
+    logits_NE: torch.Tensor,
+    router: str,
+    top_k: int,
+    batch: int,
+    capacity_factor: float = 0.0,
+    renorm: bool = False,
+    noise_std_NE: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Router math in fp32. Returns the kept assignments (tok_A, exp_A, gate_A) and the routing
+    statistics the aux losses and metrics need: probs_NE (softmax of the clean logits),
+    chosen_NE (1 where a token chose an expert, before capacity), gates_NE (gate values, 0 where
+    not chosen), load_E (Shazeer's load: smooth estimate for noisy gating, hard counts otherwise)
+    and dropped_frac.
+
+    topk_softmax (Mixtral, Jiang et al. 2024): top-k of the logits, softmax over the k chosen.
+    softmax_topk (GShard / DeepSeekMoE): softmax over all experts, keep the top k, optionally renormalise.
+    switch (Fedus et al. 2021): top-1 of the softmax, output scaled by that probability.
+    noisy_topk (Shazeer et al. 2017): H = logits + N(0,1) * softplus(x W_noise) while training,
+        KeepTopK(H, k), softmax over the kept k.
+    expert_choice (Zhou et al. 2022): softmax over experts, then each expert takes the C tokens of
+        a sequence with the highest score for it, C = cf * T * k / E. Looks across the sequence.
+    """
+    N, E = logits_NE.shape
+    T = N // batch
+    logits = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32))  # fp32 at least
+    probs = logits.softmax(-1)
+    dev = logits.device
+    out: dict[str, torch.Tensor] = {"probs_NE": probs}
+    if router == "expert_choice":
+        C = min(T, capacity(T, E, top_k, capacity_factor or 1.0))
+        scores_BET = probs.view(batch, T, E).transpose(1, 2)
+        g_BEC, t_BEC = scores_BET.topk(C, dim=-1)
+        tok_A = (t_BEC + torch.arange(batch, device=dev).view(batch, 1, 1) * T).reshape(-1)
+        exp_A = torch.arange(E, device=dev).view(1, E, 1).expand(batch, E, C).reshape(-1)
+        gate_A = g_BEC.reshape(-1)
+        chosen = logits.new_zeros(N, E).index_put_((tok_A, exp_A), torch.ones_like(gate_A))
+        out.update(tok_A=tok_A, exp_A=exp_A, gate_A=gate_A, chosen_NE=chosen)
+        out["gates_NE"] = probs * chosen
+        out["load_E"] = chosen.sum(0)
+        out["dropped_frac"] = (chosen.sum(-1) == 0).float().mean()  # tokens no expert took
+        return out
+    if router == "switch" and top_k != 1:
+        raise ValueError("the switch router is top-1")
+    select = logits
+    if router == "noisy_topk" and noise_std_NE is not None:
+        noise_std_NE = noise_std_NE.to(logits.dtype)
+        select = logits + torch.randn_like(logits) * noise_std_NE
+    top_v_NK, exp_NK = select.topk(top_k, dim=-1)
+    if router in ("topk_softmax", "noisy_topk"):
+        gate_NK = top_v_NK.softmax(-1)
+    elif router in ("softmax_topk", "switch"):
+        gate_NK = probs.gather(-1, exp_NK)
+        if renorm and router == "softmax_topk":
+            gate_NK = gate_NK / gate_NK.sum(-1, keepdim=True)
+    else:
+        raise ValueError(f"unknown router {router!r}; known: {', '.join(ROUTERS)}")
+    chosen = logits.new_zeros(N, E).scatter(1, exp_NK, 1.0)
+    out["chosen_NE"] = chosen
+    out["gates_NE"] = logits.new_zeros(N, E).scatter(1, exp_NK, gate_NK)
+    if router == "noisy_topk" and noise_std_NE is not None and top_k < E:
+        # Shazeer et al. 2017, appendix A: P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / noise_i),
+        # a differentiable estimate of how likely expert i stays in the top k under fresh noise.
+        top_k1, _ = select.topk(top_k + 1, dim=-1)
+        in_top = select >= top_k1[:, top_k - 1 : top_k]
+        threshold = torch.where(in_top, top_k1[:, top_k : top_k + 1], top_k1[:, top_k - 1 : top_k])
+        normal = torch.distributions.Normal(0.0, 1.0)
+        out["load_E"] = normal.cdf((logits - threshold) / noise_std_NE).sum(0)
+    else:
+        out["load_E"] = chosen.sum(0)
+    tok_NK = torch.arange(N, device=dev)[:, None].expand(N, top_k)
+    if capacity_factor > 0:
+        cap = capacity(T, E, top_k, capacity_factor)
+        keep_NK = capacity_keep(exp_NK.view(batch, T, top_k), E, cap).view(N, top_k)
+        out["dropped_frac"] = 1.0 - keep_NK.float().mean()
+        out.update(tok_A=tok_NK[keep_NK], exp_A=exp_NK[keep_NK], gate_A=gate_NK[keep_NK])
+    else:
+        out["dropped_frac"] = logits.new_zeros(())
+        out.update(tok_A=tok_NK.reshape(-1), exp_A=exp_NK.reshape(-1), gate_A=gate_NK.reshape(-1))
+    return out
+
+
+def load_balance_loss(probs_NE: torch.Tensor, chosen_NE: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4): E * sum_i f_i P_i with
+    f_i the fraction of routing choices that picked expert i (top-k: divided by N k) and P_i the
+    mean router probability of expert i. Equals 1 at uniform routing, its minimum when f = P."""
+    E = probs_NE.shape[-1]
+    f_E = chosen_NE.sum(0) / chosen_NE.sum()
+    P_E = probs_NE.mean(0)
+    return E * (f_E * P_E).sum()
+
+
+def z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_NE.float(), dim=-1).square().mean()
+
+
+def cv_squared(v_E: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation, var / mean^2 (population variance), as Shazeer et al. use."""
+    v = v_E.float()
+    return v.var(unbiased=False) / (v.mean().square() + 1e-10)
+
+
+def importance_load_loss(gates_NE: torch.Tensor, load_E: torch.Tensor) -> torch.Tensor:
+    """Shazeer et al. 2017, eqs. 6-7 and 10: CV(Importance)^2 + CV(Load)^2, with importance the
+    summed gate values per expert."""
+    return cv_squared(gates_NE.sum(0)) + cv_squared(load_E)

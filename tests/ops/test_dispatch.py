@@ -1,0 +1,148 @@
+import math
+
+import pytest
+import torch
+
+from harness.ops import dispatch
+
+ROUTER_CASES = [
+    ("topk_softmax", 2, 0.0),
+    ("topk_softmax", 2, 1.0),
+    ("softmax_topk", 3, 0.0),
+    ("switch", 1, 1.25),
+    ("noisy_topk", 2, 0.0),
+    ("expert_choice", 2, 1.0),
+]
+
+
+def _routed(router, top_k, cf, B=2, T=13, E=5, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B * T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w_r = torch.randn(D, E, generator=g, dtype=torch.float64, requires_grad=True)
+    noise = torch.rand(B * T, E, generator=g, dtype=torch.float64) + 0.1 if router == "noisy_topk" else None
+    torch.manual_seed(seed)
+    r = dispatch.route(x @ w_r, router, top_k, B, cf, renorm=router == "softmax_topk", noise_std_NE=noise)
+    return x, w_r, r
+
+
+@pytest.mark.parametrize("router,top_k,cf", ROUTER_CASES, ids=[f"{r}-k{k}-cf{c}" for r, k, c in ROUTER_CASES])
+def test_fast_dispatch_matches_loop(router, top_k, cf):
+    E, D, Fe = 5, 8, 6
+    g = torch.Generator().manual_seed(1)
+    w_up = torch.randn(E, D, 2 * Fe, generator=g, dtype=torch.float64, requires_grad=True)
+    w_down = torch.randn(E, Fe, D, generator=g, dtype=torch.float64, requires_grad=True)
+    leaves = None
+    outs, grads = [], []
+    for fn in (dispatch.expert_mlp, dispatch.expert_mlp_ref):
+        x, w_r, r = _routed(router, top_k, cf, E=E, D=D)
+        y = fn(x, w_up, w_down, r["tok_A"], r["exp_A"], r["gate_A"])
+        leaves = (x, w_r, w_up, w_down)
+        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), leaves))
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(("x", "router", "w_up", "w_down"), *grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+
+
+def test_unrouted_tokens_get_zero_output():
+    """A token with no kept assignment contributes nothing: the block leaves its residual as is."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w_up, w_down = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)
+    tok, exp, gate = torch.tensor([0, 2]), torch.tensor([1, 1]), torch.tensor([0.5, 1.0], dtype=torch.float64)
+    for fn in (dispatch.expert_mlp, dispatch.expert_mlp_ref):
+        y = fn(x, w_up, w_down, tok, exp, gate)
+        assert torch.all(y[[1, 3]] == 0) and torch.all(y[[0, 2]] != 0)
+
+
+def test_capacity_drops_by_position_order():
+    # One sequence, 5 tokens, top-2 of 3 experts, 2 slots each. Served in order (t0 k0, t0 k1, t1 k0, ...):
+    # e0 fills at t1, e1 at t1, e2 at t3, so t2's and t3's first choices and both of t4's are dropped.
+    exp = torch.tensor([[[0, 1], [0, 1], [0, 2], [1, 2], [2, 0]]])
+    want = torch.tensor([[[1, 1], [1, 1], [0, 1], [0, 1], [0, 0]]], dtype=torch.bool)
+    assert torch.equal(dispatch.capacity_keep(exp, 3, 2), want)
+    assert torch.equal(dispatch.capacity_keep_ref(exp, 3, 2), want)
+
+
+def test_capacity_keep_matches_loop_on_random_routing():
+    exp = torch.randint(0, 6, (3, 40, 2))
+    for cap in (1, 5, 13, 80):
+        assert torch.equal(dispatch.capacity_keep(exp, 6, cap), dispatch.capacity_keep_ref(exp, 6, cap))
+
+
+def test_route_drops_exactly_the_capacity_rule():
+    logits = torch.randn(2 * 16, 4)
+    r = dispatch.route(logits, "topk_softmax", 2, 2, capacity_factor=0.5)
+    cap = dispatch.capacity(16, 4, 2, 0.5)
+    assert cap == 4
+    keep = dispatch.capacity_keep_ref(logits.topk(2, -1).indices.view(2, 16, 2), 4, cap)
+    assert r["tok_A"].numel() == int(keep.sum())
+    assert float(r["dropped_frac"]) == pytest.approx(1 - keep.float().mean().item())
+    per_seq_expert = torch.bincount(r["exp_A"] + 4 * (r["tok_A"] // 16), minlength=8)
+    assert int(per_seq_expert.max()) <= cap
+
+
+def test_router_gates():
+    logits = torch.randn(10, 6)
+    probs = logits.softmax(-1)
+    top = dispatch.route(logits, "topk_softmax", 2, 1)
+    torch.testing.assert_close(top["gates_NE"].sum(-1), torch.ones(10))
+    sw = dispatch.route(logits, "switch", 1, 1)
+    torch.testing.assert_close(sw["gate_A"], probs.max(-1).values)
+    st = dispatch.route(logits, "softmax_topk", 3, 1)
+    torch.testing.assert_close(st["gate_A"].view(10, 3), probs.topk(3, -1).values)
+    rn = dispatch.route(logits, "softmax_topk", 3, 1, renorm=True)
+    torch.testing.assert_close(rn["gates_NE"].sum(-1), torch.ones(10))
+    noiseless = dispatch.route(logits, "noisy_topk", 2, 1)
+    torch.testing.assert_close(noiseless["gates_NE"], top["gates_NE"])
+    ec = dispatch.route(logits, "expert_choice", 2, 2, capacity_factor=1.0)  # 2 sequences of 5
+    C = dispatch.capacity(5, 6, 2, 1.0)
+    assert torch.equal(torch.bincount(ec["exp_A"], minlength=6), torch.full((6,), 2 * C))
+    for b in range(2):  # each expert takes its C highest-scoring tokens of each sequence
+        sel = (ec["tok_A"] // 5) == b
+        for e in range(6):
+            toks = ec["tok_A"][sel & (ec["exp_A"] == e)] - 5 * b
+            assert set(toks.tolist()) == set(probs[5 * b : 5 * b + 5, e].topk(C).indices.tolist())
+
+
+def test_load_balance_loss_closed_form():
+    # 4 tokens, 2 experts, top-1: tokens 0-2 pick expert 0, token 3 picks expert 1.
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+    chosen = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1]])
+    f, P = [3 / 4, 1 / 4], [(0.9 + 0.8 + 0.6 + 0.3) / 4, (0.1 + 0.2 + 0.4 + 0.7) / 4]
+    want = 2 * (f[0] * P[0] + f[1] * P[1])
+    assert float(dispatch.load_balance_loss(probs, chosen)) == pytest.approx(want)
+    # Top-2 of 3: f counts all 2N choices.
+    chosen2 = torch.tensor([[1.0, 1, 0], [1, 0, 1]])
+    probs2 = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.1, 0.3]])
+    want2 = 3 * (0.5 * 0.55 + 0.25 * 0.2 + 0.25 * 0.25)
+    assert float(dispatch.load_balance_loss(probs2, chosen2)) == pytest.approx(want2)
+
+
+def test_load_balance_loss_minimum_at_uniform():
+    E, N = 8, 64
+    uniform = torch.full((N, E), 1 / E)
+    chosen = torch.zeros(N, E).scatter(1, torch.arange(N)[:, None] % E, 1.0)
+    assert float(dispatch.load_balance_loss(uniform, chosen)) == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # when routing follows the probabilities (f = P) the loss is E |f|^2 >= 1
+        p_E = torch.rand(E, generator=g).softmax(0)
+        probs = p_E.expand(N, E)
+        loss = dispatch.load_balance_loss(probs, p_E.expand(N, E))
+        assert float(loss) == pytest.approx(E * float((p_E**2).sum()))
+        assert float(loss) > 1.0
+
+
+def test_z_loss_and_cv_closed_forms():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    assert float(dispatch.z_loss(logits)) == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+    assert float(dispatch.cv_squared(torch.tensor([1.0, 3.0]))) == pytest.approx(1 / 4)
+    assert float(dispatch.cv_squared(torch.ones(5))) == pytest.approx(0.0)
+
+
+def test_noisy_load_estimate_is_differentiable():
+    logits = torch.randn(20, 4, requires_grad=True)
+    noise = torch.full((20, 4), 0.5, requires_grad=True)
+    r = dispatch.route(logits, "noisy_topk", 2, 1, noise_std_NE=noise)
+    assert float(r["load_E"].detach().sum()) == pytest.approx(2 * 20, rel=0.5)
+    (gl, gn) = torch.autograd.grad(dispatch.importance_load_loss(r["gates_NE"], r["load_E"]), (logits, noise))
+    assert gl.abs().sum() > 0 and gn.abs().sum() > 0
