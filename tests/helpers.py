@@ -10,7 +10,7 @@ from harness.config import compose
 
 def tiny(preset: str, **fields) -> object:
     """A model config from a conf/model preset, with field overrides."""
-    return compose([f"model={preset}", *[f"model.{k}={v}" for k, v in fields.items()]]).model
+    return compose([f"model={preset}", *[f"++model.{k}={v}" for k, v in fields.items()]]).model
 
 
 def measured_flops(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, backward: bool = False) -> int:

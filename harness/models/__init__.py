@@ -25,7 +25,7 @@ from typing import Any
 import torch.nn as nn
 
 from harness.layers import LMConfig
-from harness.models import dense
+from harness.models import dense, mamba, moe, rwkv, soft_moe
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,19 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", dense.GPT2Config, dense.build, dense.param_count, dense.flops_per_token),
     "llama": Family("llama", dense.DenseConfig, dense.build, dense.param_count, dense.flops_per_token),
+    "mamba": Family("mamba", mamba.MambaConfig, mamba.build, mamba.param_count, mamba.flops_per_token),
+    "mamba2": Family("mamba2", mamba.Mamba2Config, mamba.build, mamba.param_count, mamba.flops_per_token),
+    "moe": Family("moe", moe.MoEConfig, moe.build, moe.param_count, moe.flops_per_token, moe.inactive_params),
+    "soft_moe": Family(
+        "soft_moe",
+        soft_moe.SoftMoEConfig,
+        soft_moe.build,
+        soft_moe.param_count,
+        soft_moe.flops_per_token,
+        soft_moe.inactive_params,
+    ),
+    "rwkv6": Family("rwkv6", rwkv.RWKVConfig, rwkv.build, rwkv.param_count, rwkv.flops_per_token),
+    "rwkv7": Family("rwkv7", rwkv.RWKV7Config, rwkv.build, rwkv.param_count, rwkv.flops_per_token),
 }
 
 
