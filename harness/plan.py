@@ -1,0 +1,486 @@
+"""`harness-plan`: IsoFLOP sweep planner.
+
+For each compute budget C (training FLOPs) it picks `sizes` model sizes, log-spaced over a factor
+`size_spread` around a compute-optimal guess N*, and at each size FLOP-matched shapes of every
+variant (`harness.sizing.match`). For every run it sets the tokens D = C / F (F: the shape's exact
+training FLOPs per token, `harness.flops`), rounded to whole steps, and the batch size and learning
+rate of its size. The result is a sweep file `sweeps/<name>.yaml` that `harness-train -m
+sweep=<name>` runs, one job per run, and a printed table.
+
+Rules:
+- N* solves D = tokens_per_param x N with D = C / F_ref(N), F_ref the reference variant's exact
+  training FLOPs per token at N non-embedding parameters (tokens_per_param = 20: Hoffmann et al.
+  2022). At these tiny scales F is well above 6N (head and attention), so 6N would misplace N*.
+- Batch size and learning rate depend on the nominal size N of a group (the same for all its
+  variants, so FLOP-matched runs share them): `constant` keeps `batch_size` and `lr`; `porian`
+  scales them as in Porian et al. 2024, batch proportional to N^(2/3) and lr to N^(-1/3), equal to
+  `batch_size` and `lr` at `ref_params`.
+- Tokens are a whole number of steps (`train.tokens` = steps x batch_size x seq_len), so a trained
+  run's `flops_train` in summary.json equals the plan's. The plan refuses a run whose total misses
+  its budget by more than `budget_tolerance` (2%) after that rounding.
+Everything is checked (each run composed through Hydra as `harness-train` will) before the file is
+written, so a bad request fails before any job is launched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from harness import flops, sizing
+from harness.config import OptimConfig
+from harness.models import FAMILIES
+
+log = logging.getLogger(__name__)
+
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+
+
+@dataclass(frozen=True)
+class PlanRules:
+    seq_len: int = 128
+    vocab_size: int = 256  # the byte tokenizer
+    sizes: int = 3  # model sizes per budget
+    size_spread: float = 4.0  # largest / smallest nominal N within a budget
+    tokens_per_param: float = 20.0  # the compute-optimal guess D / N
+    batch_rule: str = "constant"  # "constant" | "porian"
+    lr_rule: str = "constant"  # "constant" | "porian"
+    batch_size: int = 16  # sequences per step (at ref_params under "porian")
+    lr: float = 3e-3  # (at ref_params under "porian")
+    ref_params: float = 1e6
+    budget_tolerance: float = 0.02
+    evals_per_run: int = 4  # evaluations spread over a run (the last step is always one)
+    reference: str = ""  # the variant whose non-embedding parameters name a size; "": the first
+    sizing: sizing.SizingRules = field(default_factory=sizing.SizingRules)
+
+    def __post_init__(self) -> None:
+        for r in (self.batch_rule, self.lr_rule):
+            if r not in ("constant", "porian"):
+                raise ValueError(f"plan: batch and lr rules are 'constant' or 'porian', got {r!r}")
+        if self.sizes < 1 or self.size_spread < 1:
+            raise ValueError("plan: sizes must be >= 1 and size_spread >= 1")
+        if min(self.seq_len, self.vocab_size, self.batch_size, self.evals_per_run) < 1:
+            raise ValueError("plan: seq_len, vocab_size, batch_size and evals_per_run must be >= 1")
+        if self.tokens_per_param <= 0 or self.lr <= 0 or self.ref_params <= 0:
+            raise ValueError("plan: tokens_per_param, lr and ref_params must be > 0")
+
+
+@dataclass(frozen=True)
+class Run:
+    budget: float
+    size_index: int
+    nominal_params: int
+    variant: str
+    shape: sizing.Shape
+    batch_size: int
+    lr: float
+    steps: int
+    tokens: int
+    eval_every: int
+    est_seconds: float | None = None
+
+    @property
+    def family(self) -> str:
+        return self.shape.cfg.family
+
+    @property
+    def flops_per_token(self) -> int:
+        return self.shape.flops_per_token
+
+    @property
+    def flops_train(self) -> int:
+        return self.flops_per_token * self.tokens
+
+    @property
+    def params(self) -> int:
+        return self.shape.params_nonembed
+
+    def overrides(self) -> list[str]:
+        return [
+            *self.shape.overrides(),
+            f"train.tokens={self.tokens}",
+            f"train.batch_size={self.batch_size}",
+            f"train.eval_every={self.eval_every}",
+            f"optim.lr={self.lr:.4g}",
+            f"train.flops_budget={fmt_budget(self.budget)}",
+        ]
+
+
+def fmt_budget(c: float) -> str:
+    """1e13 -> '1e13', 3e13 -> '3e13', 2.5e12 -> '2.5e12': short, and a valid Hydra float."""
+    e = math.floor(math.log10(c))
+    m = round(c / 10**e, 6)
+    if m >= 10:
+        m, e = m / 10, e + 1
+    return f"{m:g}e{e}"
+
+
+def _batch_lr(n: float, rules: PlanRules) -> tuple[int, float]:
+    ratio = n / rules.ref_params
+    b = rules.batch_size * ratio ** (2 / 3) if rules.batch_rule == "porian" else rules.batch_size
+    lr = rules.lr * ratio ** (-1 / 3) if rules.lr_rule == "porian" else rules.lr
+    return max(1, round(b)), float(f"{lr:.4g}")
+
+
+def compute_optimal_params(budget: float, reference: str, rules: PlanRules) -> float:
+    """N* with C / F_ref(N*) = tokens_per_param x N*, by bisection in log N."""
+    lo, hi = 1e2, 1e12
+
+    def excess(n: float) -> float:
+        s = sizing.size(
+            reference,
+            params=n,
+            seq_len=rules.seq_len,
+            vocab_size=rules.vocab_size,
+            rules=rules.sizing,
+            strict=False,
+        )
+        return math.log(budget / s.flops_per_token) - math.log(rules.tokens_per_param * s.params_nonembed)
+
+    small = _smallest(reference, rules)
+    lo = max(lo, small.params_nonembed)
+    if excess(lo) <= 0:
+        return lo
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        try:
+            e = excess(mid)
+        except ValueError:
+            hi = mid  # past the largest shape the rules allow
+            continue
+        lo, hi = (mid, hi) if e > 0 else (lo, mid)
+        if hi / lo < 1.01:
+            break
+    return math.sqrt(lo * hi)
+
+
+def _smallest(variant: str, rules: PlanRules) -> sizing.Shape:
+    return sizing.smallest(variant, seq_len=rules.seq_len, vocab_size=rules.vocab_size, rules=rules.sizing)
+
+
+def plan(budgets: list[float], variants: list[str], rules: PlanRules | None = None) -> list[Run]:
+    """Every run of an IsoFLOP sweep; raises ValueError, naming the problem, on a bad request."""
+    rules = rules or PlanRules()
+    if not budgets:
+        raise ValueError("plan: give at least one compute budget")
+    if not variants:
+        raise ValueError("plan: give at least one model family or preset")
+    for v in variants:
+        sizing.resolve_variant(v)  # unknown names fail here, listing the known ones
+    variants = list(dict.fromkeys(variants))
+    reference = rules.reference or variants[0]
+    sizing.resolve_variant(reference)
+    tokens_per_step = rules.batch_size * rules.seq_len
+    runs: list[Run] = []
+    for c in sorted(budgets):
+        if not c > 0 or not math.isfinite(c):
+            raise ValueError(f"plan: budgets must be positive numbers, got {c}")
+        for v in variants:
+            s = _smallest(v, rules)
+            need = s.flops_per_token * _batch_lr(s.params_nonembed, rules)[0] * rules.seq_len
+            if c < need:
+                raise ValueError(
+                    f"budget {c:.3g} FLOPs is below the smallest buildable {v} model "
+                    f"(d_model={s.cfg.d_model}, n_layers=1: {s.flops_per_token:,} training FLOPs per "
+                    f"token, one batch of {tokens_per_step} tokens costs {need:.3g})"
+                )
+        n_opt = compute_optimal_params(c, reference, rules)
+        k = rules.sizes
+        for i in range(k):
+            n = n_opt * rules.size_spread ** ((i / (k - 1) - 0.5) if k > 1 else 0.0)
+            try:
+                group = sizing.match(
+                    variants,
+                    params=n,
+                    reference=reference,
+                    seq_len=rules.seq_len,
+                    vocab_size=rules.vocab_size,
+                    rules=rules.sizing,
+                )
+            except ValueError as e:
+                raise ValueError(f"budget {c:.3g}, size {i + 1}/{k} (N ~ {n:.3g}): {e}") from e
+            b, lr = _batch_lr(group.nominal_params, rules)
+            for v in variants:
+                sh = group.shapes[v]
+                per_step = b * rules.seq_len
+                steps = round(c / (sh.flops_per_token * per_step))
+                where = f"budget {c:.3g}, {v} at d_model={sh.cfg.d_model}, n_layers={sh.cfg.n_layers}"
+                if steps < 1:
+                    raise ValueError(
+                        f"{where}: {c / sh.flops_per_token:.0f} tokens is fewer than one batch "
+                        f"({b} x {rules.seq_len} = {per_step}); raise the budget or lower the batch size"
+                    )
+                total = steps * per_step * sh.flops_per_token
+                if abs(total / c - 1) > rules.budget_tolerance:
+                    raise ValueError(
+                        f"{where}: {steps} whole steps of {per_step} tokens give {total:.4g} FLOPs, "
+                        f"{total / c - 1:+.1%} off the budget (tolerance {rules.budget_tolerance:.0%}); "
+                        "raise the budget or lower the batch size"
+                    )
+                runs.append(
+                    Run(
+                        budget=c,
+                        size_index=i,
+                        nominal_params=group.nominal_params,
+                        variant=v,
+                        shape=sh,
+                        batch_size=b,
+                        lr=lr,
+                        steps=steps,
+                        tokens=steps * per_step,
+                        eval_every=max(1, steps // rules.evals_per_run),
+                    )
+                )
+    return runs
+
+
+def verify(runs: list[Run], common: list[str] | None = None) -> None:
+    """Composes every run through Hydra, as `harness-train` will, and checks it is the run planned."""
+    from harness.config import compose
+
+    for r in runs:
+        run_cfg = compose([*(common or []), *r.overrides()])
+        got = flops.count(run_cfg.model).train * run_cfg.steps * r.batch_size * run_cfg.model.seq_len
+        if run_cfg.model != r.shape.cfg or got != r.flops_train:
+            raise ValueError(f"run {r.overrides()} composes to a different model or budget than planned")
+
+
+# ---------------------------------------------------------------- timing
+
+
+def measure_rates(runs: list[Run], steps: int = 2, max_batch: int = 8) -> dict[str, float]:
+    """Training FLOP/s on this device, per variant, from its median planned shape.
+
+    One warm-up and `steps` timed forward+backward+AdamW steps on `max_batch` sequences, so the
+    whole measurement takes seconds; on CUDA under bf16 autocast as training runs. A batch this
+    small underuses a GPU (and a little, a CPU), so estimates err long.
+    """
+    import torch
+
+    from harness.models import build_model
+    from harness.train import make_optimizer
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rates: dict[str, float] = {}
+    for v in dict.fromkeys(r.variant for r in runs):
+        mine = sorted((r for r in runs if r.variant == v), key=lambda r: r.flops_per_token)
+        r = mine[len(mine) // 2]
+        torch.manual_seed(0)
+        model = build_model(r.shape.cfg).to(dev)
+        opt = make_optimizer(model, OptimConfig())
+        b = min(r.batch_size, max_batch)
+        x = torch.randint(0, r.shape.cfg.vocab_size, (b, r.shape.cfg.seq_len), device=dev)
+        best = math.inf
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                loss = model(x).logits.float().logsumexp(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first step pays for allocation and kernel selection
+                best = min(best, time.perf_counter() - t0)
+        rates[v] = r.flops_per_token * b * r.shape.cfg.seq_len / best
+    return rates
+
+
+def with_estimates(runs: list[Run], rates: dict[str, float]) -> list[Run]:
+    """Each run's estimated seconds: its training FLOPs over its variant's measured FLOP/s."""
+    return [
+        replace(r, est_seconds=r.flops_train / rates[r.variant]) if r.variant in rates else r for r in runs
+    ]
+
+
+# ---------------------------------------------------------------- output
+
+
+def table(runs: list[Run]) -> str:
+    head = (
+        "budget",
+        "family",
+        "variant",
+        "d_model",
+        "n_layers",
+        "N",
+        "D",
+        "D/N",
+        "C",
+        "steps",
+        "batch",
+        "lr",
+        "est_h",
+    )
+    rows = [head]
+    for r in runs:
+        rows.append(
+            (
+                f"{r.budget:.3g}",
+                r.family,
+                r.variant,
+                str(r.shape.cfg.d_model),
+                str(r.shape.cfg.n_layers),
+                f"{r.params:,}",
+                f"{r.tokens:,}",
+                f"{r.tokens / r.params:.1f}",
+                f"{r.flops_train:.4g}",
+                str(r.steps),
+                str(r.batch_size),
+                f"{r.lr:.3g}",
+                "" if r.est_seconds is None else f"{r.est_seconds / 3600:.3f}",
+            )
+        )
+    w = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w[i]) if i > 2 else c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    est = [r.est_seconds for r in runs if r.est_seconds is not None]
+    if est:
+        lines.append(f"{len(runs)} runs, estimated {sum(est) / 3600:.3f} h ({sum(est):.0f} s) on this device")
+    else:
+        lines.append(f"{len(runs)} runs")
+    return "\n".join(lines)
+
+
+def sweep_text(name: str, runs: list[Run], common: list[str] | None = None, command: str = "") -> str:
+    """The sweep file: `sweep`, `common` and one override list per run, each after a comment."""
+    lines = [
+        f"# IsoFLOP sweep planned by harness-plan{': ' + command if command else ''}",
+        f"# Run with: harness-train -m sweep={name}",
+        f"sweep: {name}",
+        f"common: {_flow(common or [])}",
+        "runs:",
+    ]
+    for r in runs:
+        lines.append(
+            f"  # C={fmt_budget(r.budget)} {r.variant}: N={r.params:,} D={r.tokens:,} "
+            f"F/token={r.flops_per_token:,} flops_train={r.flops_train:.6g}"
+        )
+        lines.append(f"  - {_flow(r.overrides())}")
+    return "\n".join(lines) + "\n"
+
+
+def _flow(items: list[str]) -> str:
+    return yaml.safe_dump(items, default_flow_style=True, width=10**6).strip()
+
+
+def write_sweep(
+    path: Path, name: str, runs: list[Run], common: list[str] | None = None, command: str = ""
+) -> Path:
+    from harness.fileio import atomic_write_text
+
+    text = sweep_text(name, runs, common, command)
+    loaded = yaml.safe_load(text)
+    assert loaded["sweep"] == name and loaded["runs"] == [r.overrides() for r in runs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    return path
+
+
+def default_variants() -> list[str]:
+    """One variant per registered family: the family's own preset (or its tiny one)."""
+    out = []
+    for fam in FAMILIES:
+        try:
+            sizing.resolve_variant(fam)
+        except ValueError:
+            log.warning("family %s has no preset conf/model/%s.yaml or %s_tiny.yaml; left out", fam, fam, fam)
+            continue
+        out.append(fam)
+    return out
+
+
+# The demo: every registered family at three budgets, three sizes each, small enough that the
+# whole sweep trains in about six minutes on two CPU cores (measured; see `harness-plan --demo`).
+# Models this small need finer sizing steps to FLOP-match all families: d_model in multiples of 8
+# (2 without a fine knob), heads of 16, a wider aspect band; the compute-optimal guess is 10
+# tokens per parameter so that the smallest size stays matchable.
+DEMO_BUDGETS = (5e10, 8e10, 1.3e11)
+DEMO_COMMON = ["train.eval_batches=4", "train.log_every=10", "train.ckpt_every=0"]
+
+
+def demo_rules() -> PlanRules:
+    fine = sizing.SizingRules(multiple=8, bare_multiple=2, head_dim=16, aspect_spread=4.0, knob_multiple=4)
+    return PlanRules(
+        seq_len=64,
+        batch_size=8,
+        sizes=3,
+        size_spread=3.0,
+        tokens_per_param=10.0,
+        evals_per_run=2,
+        sizing=fine,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="harness-plan", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--budgets", type=float, nargs="+", help="compute budgets, training FLOPs (e.g. 1e13 3e13)"
+    )
+    p.add_argument("--families", nargs="+", help="families or presets (default: every registered family)")
+    p.add_argument("--reference", default="", help="variant whose non-embedding params name a size")
+    p.add_argument("--sizes", type=int, default=3, help="model sizes per budget")
+    p.add_argument("--size-spread", type=float, default=4.0, help="largest / smallest N per budget")
+    p.add_argument("--tokens-per-param", type=float, default=20.0, help="compute-optimal guess D/N")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (at --ref-params)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (at --ref-params)")
+    p.add_argument("--rule", choices=("constant", "porian"), default="constant", help="batch and lr rule")
+    p.add_argument(
+        "--ref-params", type=float, default=1e6, help="N where the porian rule gives --batch-size, --lr"
+    )
+    p.add_argument("--evals", type=int, default=4, help="evaluations per run")
+    p.add_argument("--common", nargs="*", default=[], help="overrides applied to every run")
+    p.add_argument("--name", default="", help="sweep name (default: isoflop_<budgets>)")
+    p.add_argument("--out", default=str(SWEEPS_DIR), help="directory for the sweep file")
+    p.add_argument("--demo", action="store_true", help="write the demo sweep (sweeps/demo.yaml)")
+    p.add_argument("--no-timing", action="store_true", help="skip measuring this device's speed")
+    p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    kw = dict(
+        seq_len=a.seq_len,
+        vocab_size=a.vocab_size,
+        sizes=a.sizes,
+        size_spread=a.size_spread,
+        tokens_per_param=a.tokens_per_param,
+        batch_rule=a.rule,
+        lr_rule=a.rule,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        ref_params=a.ref_params,
+        evals_per_run=a.evals,
+        reference=a.reference,
+    )
+    budgets, common, name = a.budgets, list(a.common), a.name
+    if a.demo:
+        budgets, common, name = budgets or list(DEMO_BUDGETS), common or list(DEMO_COMMON), name or "demo"
+    if not budgets:
+        p.error("give --budgets (or --demo)")
+    name = name or "isoflop_" + "-".join(fmt_budget(b) for b in sorted(budgets))
+    try:
+        rules = demo_rules() if a.demo else PlanRules(**kw)
+        runs = plan(budgets, a.families or default_variants(), rules)
+        verify(runs, common)
+    except ValueError as e:
+        sys.exit(f"harness-plan: {e}")
+    if not a.no_timing:
+        runs = with_estimates(runs, measure_rates(runs))
+    print(table(runs))
+    if not a.dry_run:
+        cmd = "harness-plan " + " ".join(argv if argv is not None else sys.argv[1:])
+        path = write_sweep(Path(a.out) / f"{name}.yaml", name, runs, common, cmd.strip())
+        print(f"wrote {path}; run it with: harness-train -m sweep={name}")
+
+
+if __name__ == "__main__":
+    main()
