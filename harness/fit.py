@@ -242,6 +242,16 @@ def _bootstrap(n: int, n_boot: int, rng: np.random.Generator, refit: Callable[[n
     return out
 
 
+def _exp(*logs: float) -> np.ndarray:
+    """exp of fitted log-parameters; a resample whose coefficient overflows (a runaway exponent on
+    too few points) is an unusable fit, not a crash."""
+    with np.errstate(over="ignore"):
+        out = np.exp(np.asarray(logs, dtype=float))
+    if not np.isfinite(out).all():
+        raise FitError(f"fit diverged: coefficient exp({max(logs):.3g}) overflows")
+    return out
+
+
 def _need(kind: str, n: int, what: str) -> None:
     if n < MIN_POINTS[kind]:
         raise FitError(f"{kind} fit needs at least {MIN_POINTS[kind]} {what}, got {n}")
@@ -268,7 +278,7 @@ def fit_frontier(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200
             else _lse_fit(feats, log_l, x0[None], delta, TIGHT)[0]
         )
         e, a, al = th
-        return np.array([math.exp(e), math.exp(a + al * log_ref), al])
+        return np.array([*_exp(e, a + al * log_ref), al])
 
     theta = fit(np.arange(len(c_all)))
     x0 = np.array([math.log(theta[0]), math.log(theta[1]) - theta[2] * log_ref, theta[2]])
@@ -295,7 +305,7 @@ def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, rng: np.rando
 
     def public(th: np.ndarray) -> np.ndarray:
         e, a, b, al, be = th
-        return np.array([math.exp(e), math.exp(a), math.exp(b), al, be])
+        return np.array([*_exp(e, a, b), al, be])
 
     def refit(idx: np.ndarray) -> np.ndarray:
         if len(np.unique(n[idx])) < 2 or len(np.unique(d[idx])) < 2:
@@ -335,7 +345,7 @@ def _power_fit(c: np.ndarray, v: np.ndarray) -> np.ndarray:
     if ok.sum() < 2 or len(np.unique(c[ok])) < 2:
         raise FitError("a power law needs optima at two or more compute values")
     p, logk = np.polyfit(np.log(c[ok]), np.log(v[ok]), 1)
-    return np.array([math.exp(logk), p])
+    return np.array([*_exp(logk), p])
 
 
 def _allocation(kind: str, optima_fn: Callable[[np.ndarray], pd.DataFrame], n_rows: int, n_boot: int,
@@ -404,7 +414,8 @@ def isoflop_parabolas(runs: pd.DataFrame, budget_col: str = "flops_budget", n_co
                 continue
             p = np.polyfit(x, y, 2)
             row[f"{name}_coef"] = p
-            row[f"{name}_opt"] = math.exp(-p[1] / (2 * p[0])) if p[0] > 0 else math.nan
+            with np.errstate(over="ignore", divide="ignore"):  # a nearly flat parabola: no usable vertex
+                row[f"{name}_opt"] = float(np.exp(-p[1] / (2 * p[0]))) if p[0] > 0 else math.nan
         row["ok"] = bool(np.isfinite(row["N_opt"]) and np.isfinite(row["D_opt"]))
         if row["ok"]:
             p = row["N_coef"]

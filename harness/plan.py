@@ -414,7 +414,7 @@ def demo_rules() -> PlanRules:
         sizes=3,
         size_spread=3.0,
         tokens_per_param=10.0,
-        evals_per_run=2,
+        evals_per_run=8,
         sizing=fine,
     )
 

@@ -115,7 +115,14 @@ def _png(fig: plt.Figure) -> bytes:
 
 
 def _cgrid(c: pd.Series, n: int = 100) -> np.ndarray:
-    return np.geomspace(c.min() / 1.5, c.max() * 1.5, n)
+    # Only where the arch has runs: bands extrapolated far outside the data swamp the plot.
+    return np.geomspace(c.min(), c.max(), n)
+
+
+def _loss_ylim(ax: plt.Axes, losses: pd.Series) -> None:
+    lo, hi = float(losses.min()), float(losses.max())
+    pad = 0.08 * (hi - lo) if hi > lo else 0.05 * hi
+    ax.set_ylim(lo - pad, hi + pad)
 
 
 def plot_loss_vs_compute(kept: pd.DataFrame, fits: Fits, colors: dict, level: float) -> bytes:
@@ -138,6 +145,7 @@ def plot_loss_vs_compute(kept: pd.DataFrame, fits: Fits, colors: dict, level: fl
     )
     ax.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="final validation loss (nats/token)",
            title=f"Loss vs compute: fits L = E + A C^-alpha, {round(100 * level)}% bands")  # fmt: skip
+    _loss_ylim(ax, kept[F.LOSS_COL])
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -180,8 +188,12 @@ def plot_isoflop(kept: pd.DataFrame, fits: Fits) -> bytes | None:
     archs = [a for a, g in kept.groupby("arch", sort=True) if np.isfinite(g["flops_budget"]).any()]
     if not archs:
         return None
-    fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 4.2), squeeze=False)
-    for ax, arch in zip(axes[0], archs, strict=True):
+    ncols = min(4, len(archs))
+    nrows = -(-len(archs) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
+    for ax in axes.flat[len(archs) :]:
+        ax.set_visible(False)
+    for ax, arch in zip(axes.flat, archs, strict=False):
         g = kept[(kept["arch"] == arch) & np.isfinite(kept["flops_budget"])]
         budgets = sorted(set(g["flops_budget"]))
         cols = dict(zip(budgets, sns.color_palette("viridis", len(budgets)), strict=True))
@@ -201,8 +213,9 @@ def plot_isoflop(kept: pd.DataFrame, fits: Fits) -> bytes | None:
                     ax.scatter([row["N_opt"].iloc[0]], [row["L_opt"].iloc[0]], marker="*", s=160,
                                color=cols[b], edgecolor="black", zorder=5)  # fmt: skip
         ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="final validation loss (nats/token)",
-               title=f"IsoFLOP: {arch} (star = parabola optimum)")  # fmt: skip
-        ax.legend(fontsize=7)
+               title=f"IsoFLOP: {arch}")  # fmt: skip
+        ax.legend(fontsize=7, title="budget (star: optimum)", title_fontsize=7)
+    fig.tight_layout()
     return _png(fig)
 
 

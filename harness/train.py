@@ -241,7 +241,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         disable=not run.train.progress,
         unit="step",
         dynamic_ncols=True,
-        desc=f"{run.sweep}/{run.run_name}"[:60],
+        desc=f"{run.model.name} {run.sweep}/{run.run_name}"[:48],
     )
     last_val = last_train = math.nan
     try:
