@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install install-dev demo test slurm report clean
+.PHONY: install install-dev demo test lint slurm report clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -40,7 +40,10 @@ report: install
 slurm:
 	-bash scripts/slurm_up.sh
 
-test: install-dev slurm
+lint: install-dev
+	$(VENV)/bin/ruff check harness hydra_plugins tests benchmarks
+
+test: install-dev slurm lint
 	$(PY) -m pytest -q tests
 
 clean:

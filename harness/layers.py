@@ -217,7 +217,7 @@ class LM(nn.Module):
         logits = self.head(self.norm_f(x))
         aux: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
-        for i, m in enumerate(self.modules()):
+        for m in self.modules():
             for k, v in getattr(m, "last_aux", {}).items():
                 aux[k] = aux.get(k, 0) + v
             for k, v in getattr(m, "last_metrics", {}).items():
