@@ -41,7 +41,7 @@ slurm:
 	-bash scripts/slurm_up.sh
 
 lint: install-dev
-	$(VENV)/bin/ruff check harness hydra_plugins tests benchmarks
+	$(PY) -m ruff check harness hydra_plugins tests benchmarks
 
 test: install-dev slurm lint
 	$(PY) -m pytest -q tests
