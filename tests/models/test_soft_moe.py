@@ -212,3 +212,8 @@ def test_tiny_causal_model_learns():
         opt.step()
         losses.append(loss.item())
     assert losses[0] > 5.0 and sum(losses[-5:]) / 5 < 2.0, losses[::10]
+
+
+def test_a_model_without_any_soft_moe_layer_is_refused():
+    with pytest.raises(ValueError, match="no Soft MoE layer"):
+        SoftMoEConfig(d_model=32, n_layers=1, moe_every=2)
