@@ -32,6 +32,7 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(VENV)/bin/harness-train -m hydra/sweeper=harness sweep=demo
 	$(VENV)/bin/harness-report results/demo
+	@echo "plots and tables: $(CURDIR)/results/demo/report/ (open index.html; PNGs: $$(cd results/demo/report && ls *.png | tr '\n' ' '))"
 
 report: install
 	$(VENV)/bin/harness-report results/demo

@@ -284,7 +284,11 @@ def plot_moe_load(loads: dict[str, np.ndarray], max_panels: int = 6) -> bytes | 
         ax.set_xticks(range(m.shape[1]))
         ax.set_yticks(range(m.shape[0]))
         ax.grid(False)
-        ax.set(xlabel="expert", ylabel="MoE layer", title=f"{name}\n(uniform = {1 / m.shape[1]:.3g})")
+        arch, run = name.split("/", 1)
+        uniform = float(m.sum(1).mean()) / m.shape[1]  # each row sums to the experts chosen per token
+        ax.set(xlabel="expert", ylabel="MoE layer", title=f"{arch} (uniform load = {uniform:.3g})")
+        ax.text(0.5, -0.28, run if len(run) <= 70 else run[:67] + "...", transform=ax.transAxes,
+                ha="center", fontsize=6, color="dimgrey")  # fmt: skip
     return _png(fig)
 
 
