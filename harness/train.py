@@ -156,6 +156,16 @@ def read_metrics(run_dir: Path, upto_step: int) -> list[str]:
     return kept
 
 
+# Fields that say how an attempt executes, not what it computes: they may change on resume.
+_EXECUTION_ONLY = {"train": ("device", "threads", "progress", "log_every", "stop_after_steps"),
+                   "data": ("cache_dir",)}  # fmt: skip
+
+
+def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: {f: x for f, x in v.items() if f not in _EXECUTION_ONLY.get(k, ())} if isinstance(v, dict) else v
+            for k, v in cfg.items()}  # fmt: skip
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -171,27 +181,21 @@ def train(run: RunConfig) -> dict[str, Any]:
         )
         return prev
 
-    cfg_dict = run_config_dict(run)
-    cfg_yaml = yaml.safe_dump(cfg_dict, sort_keys=True)
-    cfg_path = run_dir / "config.yaml"
-    if cfg_path.exists():
-        old = yaml.safe_load(cfg_path.read_text())
-        ignore = ("train",)  # how a run executes (device, threads, stop points) may change between attempts
-        if {k: v for k, v in (old or {}).items() if k not in ignore} != {
-            k: v for k, v in cfg_dict.items() if k not in ignore
-        } or (old or {}).get("train", {}).get("tokens") != cfg_dict["train"]["tokens"]:
-            raise ValueError(f"{run_dir} holds a run with a different config; use another sweep or run_name")
-    atomic_write_text(cfg_path, cfg_yaml)
-
     if run.train.threads:
         torch.set_num_threads(run.train.threads)
     device = pick_device(run.train.device)
-    data = prepare(run.data)
+    data = prepare(run.data)  # before anything is written: a bad corpus leaves no run directory
     if data.vocab_size != run.model.vocab_size:
         raise ValueError(
             f"tokenizer vocab size is {data.vocab_size} but model.vocab_size={run.model.vocab_size}; "
-            f"set model.vocab_size={data.vocab_size}"
+            f"add +model.vocab_size={data.vocab_size}"
         )
+    cfg_dict = run_config_dict(run)
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.exists() and _identity(yaml.safe_load(cfg_path.read_text()) or {}) != _identity(cfg_dict):
+        raise ValueError(f"{run_dir} holds a run with a different config; use another sweep or run_name")
+    atomic_write_text(cfg_path, yaml.safe_dump(cfg_dict, sort_keys=True))
+
     counts = flops.count(run.model, run.model.seq_len)
     steps = run.steps
     tokens_per_step = run.train.batch_size * run.model.seq_len

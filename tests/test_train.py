@@ -90,3 +90,26 @@ def test_schedules_warm_up_then_end_where_configured(schedule):
     assert lrs[-1] == pytest.approx(1.0 if schedule == "constant" else 0.1)
     if schedule == "wsd":
         assert lrs[79] == pytest.approx(1.0) and lrs[80] < 1.0
+
+
+def test_run_dir_with_a_different_config_is_refused(results_dir):
+    run = run_cfg(results_dir, "train.tokens=2560", "run_name=fixed", "train.stop_after_steps=2")
+    train(run)
+    again = run_cfg(results_dir, "train.tokens=2560", "run_name=fixed", "optim.lr=1e-4")
+    with pytest.raises(ValueError, match="different config"):
+        train(again)
+    # how an attempt executes may change between attempts
+    assert train(run_cfg(results_dir, "train.tokens=2560", "run_name=fixed", "train.threads=1"))["status"] == "completed"
+
+
+def test_tokenizer_vocab_mismatch_fails_before_writing_anything(tmp_path):
+    from harness.data import train_bpe_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    tok = train_bpe_tokenizer(text, 300, tmp_path / "tok.json")
+    run = run_cfg(tmp_path / "r", "data=text_file", f"data.path={text}", f"data.tokenizer={tok}",
+                  "train.tokens=2560", f"data.cache_dir={tmp_path / 'c'}")  # fmt: skip
+    with pytest.raises(ValueError, match=r"add \+model.vocab_size="):
+        train(run)
+    assert not run.run_dir.exists()
