@@ -125,6 +125,11 @@ def _loss_ylim(ax: plt.Axes, losses: pd.Series) -> None:
     ax.set_ylim(lo - pad, hi + pad)
 
 
+def _pareto_step(ax: plt.Axes, runs: pd.DataFrame, x: str) -> None:
+    front = F.pareto_frontier(runs, x=x)
+    ax.step(front[x], front[F.LOSS_COL], where="post", color="black", ls="--", lw=1, label="Pareto frontier")
+
+
 def plot_loss_vs_compute(kept: pd.DataFrame, fits: Fits, colors: dict, level: float) -> bytes:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     sns.scatterplot(data=kept, x="flops_train", y=F.LOSS_COL, hue="arch", palette=colors, ax=ax, s=40)
@@ -133,16 +138,7 @@ def plot_loss_vs_compute(kept: pd.DataFrame, fits: Fits, colors: dict, level: fl
         lo, hi = f.interval(c, level=level)
         ax.plot(c, f.predict(c), color=colors[arch], lw=1.5)
         ax.fill_between(c, lo, hi, color=colors[arch], alpha=0.15, lw=0)
-    front = F.pareto_frontier(kept)
-    ax.step(
-        front["flops_train"],
-        front[F.LOSS_COL],
-        where="post",
-        color="black",
-        ls="--",
-        lw=1,
-        label="Pareto frontier",
-    )
+    _pareto_step(ax, kept, "flops_train")
     ax.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="final validation loss (nats/token)",
            title=f"Loss vs compute: fits L = E + A C^-alpha, {round(100 * level)}% bands")  # fmt: skip
     _loss_ylim(ax, kept[F.LOSS_COL])
@@ -155,16 +151,7 @@ def plot_wallclock(kept: pd.DataFrame, colors: dict) -> bytes:
     d = kept[np.isfinite(kept["wall_s"]) & (kept["wall_s"] > 0)]
     sns.scatterplot(data=d, x="wall_s", y=F.LOSS_COL, hue="arch", palette=colors, ax=ax, s=40)
     if len(d):
-        front = F.pareto_frontier(d, x="wall_s")
-        ax.step(
-            front["wall_s"],
-            front[F.LOSS_COL],
-            where="post",
-            color="black",
-            ls="--",
-            lw=1,
-            label="Pareto frontier",
-        )
+        _pareto_step(ax, d, "wall_s")
     ax.set(xscale="log", xlabel="wall-clock training time (s)", ylabel="final validation loss (nats/token)",
            title="Loss vs wall-clock (hardware-dependent Pareto view)")  # fmt: skip
     ax.legend(fontsize=8)
