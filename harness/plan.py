@@ -404,6 +404,8 @@ def default_variants() -> list[str]:
 # tokens per parameter so that the smallest size stays matchable.
 DEMO_BUDGETS = (5e10, 8e10, 1.3e11)
 DEMO_COMMON = ["train.eval_batches=4", "train.log_every=10", "train.ckpt_every=0"]
+# Beside one variant per family, a second MoE router: Switch top-1 with capacity and dropping.
+DEMO_EXTRA_VARIANTS = ("switch_small",)
 
 
 def demo_rules() -> PlanRules:
@@ -469,7 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     name = name or "isoflop_" + "-".join(fmt_budget(b) for b in sorted(budgets))
     try:
         rules = demo_rules() if a.demo else PlanRules(**kw)
-        runs = plan(budgets, a.families or default_variants(), rules)
+        variants = a.families or default_variants() + (list(DEMO_EXTRA_VARIANTS) if a.demo else [])
+        runs = plan(budgets, variants, rules)
         verify(runs, common)
     except ValueError as e:
         sys.exit(f"harness-plan: {e}")
