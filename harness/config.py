@@ -137,17 +137,14 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-# Overrides that choose where or how a run executes, not what it computes: left out of run names.
-_NOT_IDENTITY = (
-    "sweep",
-    "results_dir",
-    "run_name",
-    "train.device",
-    "train.threads",
-    "train.progress",
-    "train.log_every",
-    "train.stop_after_steps",
-    "data.cache_dir",
+# Fields that choose where or how an attempt executes, not what it computes: left out of run names,
+# and free to change when a run resumes.
+EXECUTION_ONLY: dict[str, tuple[str, ...]] = {
+    "train": ("device", "threads", "progress", "log_every", "ckpt_every", "stop_after_steps"),
+    "data": ("cache_dir",),
+}
+_NOT_IDENTITY = ("sweep", "results_dir", "run_name") + tuple(
+    f"{group}.{f}" for group, fields in EXECUTION_ONLY.items() for f in fields
 )
 
 

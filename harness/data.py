@@ -116,6 +116,16 @@ def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
+def check_windows(data: TokenData, seq_len: int) -> None:
+    """Both splits must hold a window of seq_len + 1 tokens; checked before any training step."""
+    for split, n in (("train", data.n_train), ("validation", data.n_val)):
+        if n < seq_len + 1:
+            raise ValueError(
+                f"the {split} split has {n} tokens, fewer than one window of model.seq_len + 1 = {seq_len + 1}; "
+                "use a larger corpus, a shorter seq_len or a larger data.val_fraction"
+            )
+
+
 @dataclass
 class TokenData:
     train: list[np.ndarray]  # memory-mapped shards
@@ -177,14 +187,13 @@ def prepare(cfg: DataConfig) -> TokenData:
 
 def sample_windows(shards: list[np.ndarray], seq_len: int, n: int, rng: np.random.Generator) -> torch.Tensor:
     """n random contiguous windows of seq_len + 1 tokens (inputs and shifted targets)."""
-    lengths = np.array([len(s) - seq_len - 1 for s in shards])
-    if lengths.max(initial=-1) < 0:
+    starts = np.clip(np.array([len(s) - seq_len for s in shards]), 0, None)  # window starts per shard
+    if starts.sum() == 0:
         raise ValueError(f"corpus split is shorter than one window of {seq_len + 1} tokens")
-    weights = np.clip(lengths, 0, None) / np.clip(lengths, 0, None).sum()
-    which = rng.choice(len(shards), size=n, p=weights)
+    which = rng.choice(len(shards), size=n, p=starts / starts.sum())
     out = np.empty((n, seq_len + 1), dtype=np.int64)
     for r, s in enumerate(which):
-        start = rng.integers(0, lengths[s] + 1)
+        start = rng.integers(0, starts[s])
         out[r] = shards[s][start : start + seq_len + 1]
     return torch.from_numpy(out)
 

@@ -26,9 +26,9 @@ from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
 from harness import flops
-from harness.config import OptimConfig, RunConfig, run_config_dict
-from harness.data import WindowLoader, prepare, val_batches
-from harness.fileio import atomic_write_json, atomic_write_text
+from harness.config import EXECUTION_ONLY, OptimConfig, RunConfig, run_config_dict
+from harness.data import WindowLoader, check_windows, prepare, val_batches
+from harness.fileio import atomic_write_json, atomic_write_text, fsync_tree
 from harness.models import build_model
 
 log = logging.getLogger("harness.train")
@@ -121,13 +121,15 @@ def save_checkpoint(run_dir: Path, model, opt, step: int, state: dict[str, Any])
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
-    torch.save(
-        {"optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state(), **state},
-        tmp / "state.pt",
-    )
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # noisy routers draw on the CUDA generator
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": opt.state_dict(), "step": step, **rng, **state}, tmp / "state.pt")
+    fsync_tree(tmp)  # the rename below must not publish files whose data is still in the page cache
     final = ckpt / f"step_{step:08d}"
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)  # a directory rename is atomic: a checkpoint is all there or absent
+    fsync_tree(ckpt, files=False)
     for old in ckpt.glob("step_*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -138,6 +140,8 @@ def load_checkpoint(path: Path, model, opt) -> dict[str, Any]:
     state = torch.load(path / "state.pt", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
 
 
@@ -156,17 +160,17 @@ def read_metrics(run_dir: Path, upto_step: int) -> list[str]:
     return kept
 
 
-# Fields that say how an attempt executes, not what it computes: they may change on resume.
-_EXECUTION_ONLY = {"train": ("device", "threads", "progress", "log_every", "stop_after_steps"),
-                   "data": ("cache_dir",)}  # fmt: skip
-
-
 def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: {f: x for f, x in v.items() if f not in _EXECUTION_ONLY.get(k, ())} if isinstance(v, dict) else v
+    return {k: {f: x for f, x in v.items() if f not in EXECUTION_ONLY.get(k, ())} if isinstance(v, dict) else v
             for k, v in cfg.items()}  # fmt: skip
 
 
 # ---------------------------------------------------------------- the loop
+
+
+def _mark_failed(run_dir: Path, summary: dict[str, Any], e: BaseException, step: int) -> None:
+    summary.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500], steps_done=step)
+    atomic_write_json(run_dir / "summary.json", summary)
 
 
 def train(run: RunConfig) -> dict[str, Any]:
@@ -185,6 +189,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         torch.set_num_threads(run.train.threads)
     device = pick_device(run.train.device)
     data = prepare(run.data)  # before anything is written: a bad corpus leaves no run directory
+    check_windows(data, run.model.seq_len)
     if data.vocab_size != run.model.vocab_size:
         raise ValueError(
             f"tokenizer vocab size is {data.vocab_size} but model.vocab_size={run.model.vocab_size}; "
@@ -220,23 +225,26 @@ def train(run: RunConfig) -> dict[str, Any]:
     }
     atomic_write_json(run_dir / "summary.json", summary)
 
-    torch.manual_seed(run.train.seed)
-    model = build_model(run.model).to(device)
-    opt = make_optimizer(model, run.optim)
+    step, wall_prev, loss_acc, loss_n = 0, 0.0, 0.0, 0
+    try:  # from here on, any failure is recorded in summary.json rather than leaving it "running"
+        torch.manual_seed(run.train.seed)
+        model = build_model(run.model).to(device)
+        opt = make_optimizer(model, run.optim)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            st = load_checkpoint(ckpt, model, opt)
+            step, wall_prev, loss_acc, loss_n = st["step"], st["wall_s"], st["loss_acc"], st["loss_n"]
+            log.info("resuming %s from step %d", run_dir, step)
+        lines = read_metrics(run_dir, step)
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
+        metrics_f = open(run_dir / "metrics.jsonl", "a")
+    except BaseException as e:
+        _mark_failed(run_dir, summary, e, step)
+        raise
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     )
     loader = WindowLoader(data.train, run.model.seq_len, run.train.batch_size, run.train.seed)
-
-    step, wall_prev, loss_acc, loss_n = 0, 0.0, 0.0, 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        st = load_checkpoint(ckpt, model, opt)
-        step, wall_prev, loss_acc, loss_n = st["step"], st["wall_s"], st["loss_acc"], st["loss_n"]
-        log.info("resuming %s from step %d", run_dir, step)
-    lines = read_metrics(run_dir, step)
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
-    metrics_f = open(run_dir / "metrics.jsonl", "a")
 
     t0, start_step = time.perf_counter(), step
     bar = tqdm(
@@ -318,8 +326,7 @@ def train(run: RunConfig) -> dict[str, Any]:
                 atomic_write_json(run_dir / "summary.json", summary)
                 return summary
     except BaseException as e:
-        summary.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500], steps_done=step)
-        atomic_write_json(run_dir / "summary.json", summary)
+        _mark_failed(run_dir, summary, e, step)
         raise
     finally:
         bar.close()

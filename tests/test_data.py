@@ -1,8 +1,18 @@
 import numpy as np
 import pytest
+import torch
 
 from harness.config import DataConfig
-from harness.data import ByteTokenizer, HFTokenizer, WindowLoader, prepare, train_bpe_tokenizer, val_batches
+from harness.data import (
+    ByteTokenizer,
+    HFTokenizer,
+    WindowLoader,
+    check_windows,
+    prepare,
+    sample_windows,
+    train_bpe_tokenizer,
+    val_batches,
+)
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(3000))
 
@@ -85,3 +95,19 @@ def test_hugging_face_dataset_on_disk(tmp_path):
         prepare(DataConfig(source="hf_disk", path=str(saved), cache_dir=str(tmp_path / "c")))
     with pytest.raises(ValueError, match="no dataset saved"):
         DataConfig(source="hf_disk", path=str(tmp_path))
+
+
+def test_window_sampling_reaches_every_start_and_a_minimal_shard():
+    shard = np.arange(9, dtype=np.uint8)  # exactly one window of 8 + 1 tokens
+    w = sample_windows([shard], 8, 3, np.random.default_rng(0))
+    assert (w == torch.arange(9)).all()
+    starts = {int(sample_windows([np.arange(12)], 8, 1, np.random.default_rng(i))[0, 0]) for i in range(200)}
+    assert starts == {0, 1, 2, 3}
+
+
+def test_too_short_split_is_reported_before_training(tmp_path):
+    p = tmp_path / "small.txt"
+    p.write_text("abcdefgh" * 200)
+    data = prepare(DataConfig(source="text_file", path=str(p), cache_dir=str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="validation split has .* fewer than one window"):
+        check_windows(data, 512)

@@ -113,3 +113,13 @@ def test_tokenizer_vocab_mismatch_fails_before_writing_anything(tmp_path):
     with pytest.raises(ValueError, match=r"add \+model.vocab_size="):
         train(run)
     assert not run.run_dir.exists()
+
+
+def test_failure_while_resuming_is_recorded_not_left_running(results_dir):
+    run = run_cfg(results_dir, "train.tokens=5120", "train.stop_after_steps=3")
+    train(run)
+    (next((run.run_dir / "ckpt").glob("step_*")) / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(Exception):  # noqa: B017 (any load error will do: the summary is what we check)
+        train(run_cfg(results_dir, "train.tokens=5120"))
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"]

@@ -133,6 +133,17 @@ def wkv6_recurrent(r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV=None):
     return torch.stack(out, 2), S
 
 
+def _widened(fn, *tensors, chunk_size: int):
+    """Runs a chunked form in fp32 (fp64 stays fp64) with autocast off, and returns the output in
+    the input's dtype: cumulative log-decays and their exps lose too much in bf16, and the
+    triangular solve has no bf16 kernel."""
+    x = tensors[0]
+    dt = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        o, S = fn(*(t if t is None else t.to(dt) for t in tensors), chunk_size=chunk_size)
+    return o.to(x.dtype), S
+
+
 def wkv6_chunked(r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV=None, chunk_size: int = 32):
     """Chunked form. Within a chunk, with cb the inclusive cumulative log-decay and cbx = cb - logw:
     o_t = (r_t e^{cbx_t}) S_0 + sum_{s<t} [sum_c r_tc k_sc e^{cbx_tc - cb_sc}] v_s + (r_t u k_t) v_t
@@ -175,7 +186,7 @@ def wkv6(r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV=None, chunk_size: int 
     _check_backend(backend)
     fla = _fla("rwkv6", backend, r_BHTK.device)
     if fla is None:
-        return wkv6_chunked(r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV, chunk_size)
+        return _widened(wkv6_chunked, r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV, chunk_size=chunk_size)
     # fla takes (B, T, H, K) and a log decay, and scales r by K^-0.5 unless told otherwise.
     o, S = fla.chunk_rwkv6(
         *(x.transpose(1, 2) for x in (r_BHTK, k_BHTK, v_BHTV, logw_BHTK)),
@@ -304,7 +315,7 @@ def wkv7(
     _check_backend(backend)
     fla = _fla("rwkv7", backend, r_BHTK.device)
     if fla is None:
-        return wkv7_chunked(r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK, chunk_size)
+        return _widened(wkv7_chunked, r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK, chunk_size=chunk_size)
     # fla takes (B, T, H, K), a log decay, and keeps the state key-major (K x V).
     o, S = fla.chunk_rwkv7(
         *(x.transpose(1, 2) for x in (r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK)),
