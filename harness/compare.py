@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Preferred baselines, in order; any other arch of a dense family comes next.
 BASELINES = ("transformer++", "llama", "gpt2")
-DENSE_FAMILIES = ("llama", "gpt2", "dense")
+DENSE_FAMILIES = ("llama", "gpt2")
 
 
 def rng_for(seed: int, *keys: str) -> np.random.Generator:
