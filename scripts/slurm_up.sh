@@ -40,6 +40,8 @@ SlurmdSpoolDir=/var/spool/slurmd
 SlurmUser=root
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
+# Preempted or requeued jobs get SIGKILL 5 s after SIGTERM (default 30 s): the tests requeue one.
+KillWait=5
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 MpiDefault=none

@@ -22,13 +22,18 @@ def slurm_ready() -> str | None:
     return None
 
 
-@pytest.mark.slurm
-def test_two_point_multirun_completes_on_slurm(tmp_path):
+def require_slurm() -> None:
+    """Skips with the reason where no cluster runs; under CI=true that is a failure instead."""
     reason = slurm_ready()
     if reason:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true requires the Slurm test to run: {reason}")
+            pytest.fail(f"CI=true requires the Slurm tests to run: {reason}")
         pytest.skip(reason)
+
+
+@pytest.mark.slurm
+def test_two_point_multirun_completes_on_slurm(tmp_path):
+    require_slurm()
     results = tmp_path / "results"
     cmd = [sys.executable, "-c", "from harness.train import main; main()", "-m", "hydra/launcher=slurm",
            "model=gpt2_tiny,llama_tiny", "sweep=slurm_e2e", f"results_dir={results}", "train.tokens=2560",
