@@ -1,7 +1,8 @@
 """Selective state-space scans: Mamba-1's selective scan and Mamba-2's SSD.
 
 Shape legend: B batch, T time, D channels (Mamba-1 d_inner), N state size, H heads, P head dim,
-K chunks, L chunk length (T padded up to K * L), S a second time index inside a chunk.
+K chunks, L chunk length (T padded up to K * L), S a second time index inside a chunk, R the
+(K, B, H) blocks flattened into one batch of matrices.
 
 Each fast path has a `_ref` twin with the same arguments and return values (output, final state;
 the state is None when `final_state=False`, which lets training skip computing it), written as
@@ -15,6 +16,8 @@ Mamba-2 (Dao & Gu 2024, SSD), per head, with a scalar decay a_t = exp(dt_t A_h):
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -299,10 +302,17 @@ class _SSD(torch.autograd.Function):
         acum_KBHL = torch.cumsum(dt_KBHL * A_H[:, None], dim=-1).contiguous()
 
         # Diagonal blocks: y_l = sum_{s<=l} exp(acum_l - acum_s) (C_l . B_s) dt_s x_s. The mask goes
-        # on before exp: above the diagonal the difference is positive and could overflow.
-        causal_LS = torch.ones(L, L, dtype=torch.bool, device=x_BKLHP.device).tril()
-        E_KBHLS = (acum_KBHL[..., :, None] - acum_KBHL[..., None, :]).masked_fill_(~causal_LS, float("-inf"))
-        E_KBHLS.exp_()
+        # on before exp: above the diagonal the difference is positive and could overflow. exp of
+        # an argument whose result would be subnormal (or of -inf) takes a slow path, 4-10x the
+        # time of the whole pass: such arguments are raised to `low` and their results set to 0
+        # afterwards, which moves no entry by more than exp(low), a few thousand times the
+        # smallest normal number.
+        low = math.log(torch.finfo(x_BKLHP.dtype).tiny) + 8.0
+        # The mask is added as 0 / -inf: an in-place add is ~8x faster than masked_fill_ here.
+        mask_LS = torch.full((L, L), float("-inf"), dtype=x_BKLHP.dtype, device=x_BKLHP.device).triu_(1)
+        E_KBHLS = (acum_KBHL[..., :, None] - acum_KBHL[..., None, :]).add_(mask_LS)
+        E_KBHLS.clamp_min_(low).exp_()
+        torch.threshold_(E_KBHLS, 1.5 * math.exp(low), 0.0)
         CB_KBLS = C_KBLN @ B_KBLN.transpose(-1, -2)
         M_KBHLS = E_KBHLS * CB_KBLS[:, :, None]
         y_KBHLP = M_KBHLS @ xd_KBHLP
@@ -364,7 +374,9 @@ class _SSD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy_BKLHP, gh_BHPN):
         x_BKLHP, dt_BKLH, A_H, B_KBLN, C_KBLN, D_H, xd_KBHLP, acum_KBHL = ctx.saved_tensors[:8]
-        E_KBHLS, M_KBHLS, CB_KBLS, starts_KBHPN, Bd_KBHLN, to_end_KBHL, Cd_KBHLN, ea_KBHL = ctx.saved_tensors[8:]
+        E_KBHLS, M_KBHLS, CB_KBLS, starts_KBHPN, Bd_KBHLN, to_end_KBHL, Cd_KBHLN, ea_KBHL = ctx.saved_tensors[
+            8:
+        ]
         first, n_states, final_state = ctx.first, ctx.n_states, ctx.final_state
         Bsz, K, L, H, P = x_BKLHP.shape
         N = B_KBLN.shape[-1]
@@ -373,13 +385,24 @@ class _SSD(torch.autograd.Function):
         gy_KBHLP = torch.empty_like(xd_KBHLP)
         gy_KBHLP.copy_(gy_BKLHP.permute(1, 0, 3, 2, 4))
 
-        # Diagonal blocks (y = M xd with M = E * CB, E = exp(acum_l - acum_s) masked).
-        gM_KBHLS = gy_KBHLP @ xd_KBHLP.transpose(-1, -2)
-        gxd_KBHLP = M_KBHLS.transpose(-1, -2) @ gy_KBHLP
-        gseg_KBHLS = gM_KBHLS.mul_(E_KBHLS)
+        # Diagonal blocks (y = M xd with M = E * CB, E = exp(acum_l - acum_s) masked). gM is spent
+        # before gxd is made, so both live in one buffer: a fresh buffer costs its first-touch page
+        # faults, several times the price of the pass that fills it.
+        R = K * Bsz * H
+        work = torch.empty(R * L * max(L, P), dtype=x_BKLHP.dtype, device=x_BKLHP.device)
+        gM_RLS = torch.bmm(
+            gy_KBHLP.view(R, L, P),
+            xd_KBHLP.view(R, L, P).transpose(1, 2),
+            out=work[: R * L * L].view(R, L, L),
+        )
+        gseg_KBHLS = gM_RLS.view_as(E_KBHLS).mul_(E_KBHLS)
         gCB_KBLS = gseg_KBHLS.sum(2)
         gseg_KBHLS.mul_(CB_KBLS[:, :, None])
         gacum_KBHL = gseg_KBHLS.sum(-1).sub_(gseg_KBHLS.sum(-2))
+        gxd_RLP = torch.bmm(
+            M_KBHLS.view(R, L, L).transpose(1, 2), gy_KBHLP.view(R, L, P), out=work[: R * L * P].view(R, L, P)
+        )
+        gxd_KBHLP = gxd_RLP.view_as(xd_KBHLP)
         gC_KBLN = gCB_KBLS @ B_KBLN
         gB_KBLN = gCB_KBLS.transpose(-1, -2) @ C_KBLN
 
@@ -422,12 +445,14 @@ class _SSD(torch.autograd.Function):
         # acum = cumsum(dt A) within the chunk: its gradient is a reverse cumsum.
         ga_KBHL = gacum_KBHL.flip(-1).cumsum(-1).flip(-1)
         dt_KBHL = dt_BKLH.permute(1, 0, 3, 2)
-        gdt_KBHL = (gxd_KBHLP * x_BKLHP.permute(1, 0, 3, 2, 4)).sum(-1).addcmul_(ga_KBHL, A_H[:, None])
-        gA_H = (ga_KBHL * dt_KBHL).sum((0, 1, 3))
+        # gx before gdt, so that gdt's and gD's products can overwrite gxd and the gy copy in place.
+        x_KBHLP = x_BKLHP.permute(1, 0, 3, 2, 4)
         gx_BKLHP = torch.empty_like(x_BKLHP)
         torch.mul(gy_BKLHP, D_H[:, None], out=gx_BKLHP)
         gx_BKLHP.addcmul_(gxd_KBHLP.permute(1, 0, 3, 2, 4), dt_BKLH[..., None])
-        gD_H = (gy_BKLHP * x_BKLHP).sum((0, 1, 2, 4))
+        gdt_KBHL = gxd_KBHLP.mul_(x_KBHLP).sum(-1).addcmul_(ga_KBHL, A_H[:, None])
+        gA_H = (ga_KBHL * dt_KBHL).sum((0, 1, 3))
+        gD_H = gy_KBHLP.mul_(x_KBHLP).sum((0, 1, 3, 4))
         gB_BKLN, gC_BKLN = gB_KBLN.transpose(0, 1), gC_KBLN.transpose(0, 1)
         return gx_BKLHP, gdt_KBHL.permute(1, 0, 3, 2), gA_H, gB_BKLN, gC_BKLN, gD_H, gh0, None
 
