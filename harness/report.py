@@ -297,7 +297,7 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # corrupt runs are listed in the report instead
         runs = collect(root)
-        curves = read_curves(root)
+        curves = read_curves(root, runs)
     runs = runs[~runs["path"].astype(str).str.startswith(str(out))]
     if runs.empty:
         raise ReportError(

@@ -123,10 +123,12 @@ def collect(path: str | Path) -> pd.DataFrame:
     return df.sort_values(["sweep", "run"], kind="stable").reset_index(drop=True)
 
 
-def curves(path: str | Path) -> pd.DataFrame:
-    """One row per (run, logged step) from every metrics.jsonl under `path`; torn lines are skipped."""
+def curves(path: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (run, logged step) from every metrics.jsonl under `path`; torn lines are skipped.
+    `runs`: the `collect(path)` table when the caller already has it, so run dirs are read once."""
     root = Path(path)
-    runs = collect(root) if root.is_dir() else pd.DataFrame(columns=COLUMNS)
+    if runs is None:
+        runs = collect(root) if root.is_dir() else pd.DataFrame(columns=COLUMNS)
     frames = []
     for r in runs.itertuples():
         p = Path(r.path) / "metrics.jsonl"
