@@ -124,6 +124,8 @@ def main() -> None:
     print(f"{'scan':8} {'path':10} {'fwd+bwd ms':>11} {'mem MiB':>9} {'speed-up':>9}")
     for name, inputs, fast, ref in cases:
         rows = [("reference", ref, args.ref_repeats), ("torch", fast, args.repeats)]
+        if name == "mamba1" and not dev.startswith("cuda"):
+            rows.append(("native", scan.selective_scan_native, args.repeats))
         if dev.startswith("cuda") and scan.pick_backend("auto", inputs[0]) == "cuda":
             rows.append(("cuda", cuda_fns[name], args.repeats))
         ref_s = None

@@ -38,7 +38,7 @@ from harness.ops import scan
 LAYERS_PER_TRANSFORMER_LAYER = 2
 
 _SCANS = {
-    1: {"torch": scan.selective_scan, "cuda": scan.selective_scan_cuda},
+    1: {"torch": scan.selective_scan, "native": scan.selective_scan_native, "cuda": scan.selective_scan_cuda},
     2: {"torch": scan.ssd_scan, "cuda": scan.ssd_scan_cuda},
 }
 
@@ -57,7 +57,8 @@ class MambaConfig(LMConfig):
     conv_bias: bool = True
     dt_min: float = 0.001  # initial Delta is log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1
-    backend: str = "auto"  # "torch" | "cuda" (mamba-ssm kernels) | "auto"
+    # "torch" | "native" (Mamba-1's C kernel for the CPU) | "cuda" (mamba-ssm kernels) | "auto"
+    backend: str = "auto"
 
     @property
     def d_inner(self) -> int:
@@ -78,8 +79,12 @@ class MambaConfig(LMConfig):
                 raise ValueError(
                     f"model.{f} must be >= 0 (0 derives it from d_model), got {getattr(self, f)}"
                 )
-        if self.backend not in ("torch", "cuda", "auto"):
-            raise ValueError(f"model.backend must be torch, cuda or auto, got {self.backend!r}")
+        if self.backend not in ("torch", "native", "cuda", "auto"):
+            raise ValueError(f"model.backend must be torch, native, cuda or auto, got {self.backend!r}")
+        if self.backend == "native" and self.version != 1:
+            raise ValueError(
+                "model.backend=native is Mamba-1's CPU kernel; Mamba-2 takes torch, cuda or auto"
+            )
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"need 0 < model.dt_min <= model.dt_max, got {self.dt_min}, {self.dt_max}")
         if self.d_state == 0:
@@ -162,7 +167,7 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(u_BTC).chunk(2, dim=-1)
         x = F.silu(_causal_conv(self.conv1d, x))
         delta, A, B, C = self._ssm_inputs(x)
-        fn = _SCANS[1][scan.pick_backend(self.cfg.backend, x)]
+        fn = _SCANS[1][scan.pick_backend(self.cfg.backend, x, native_kernel="selective_scan")]
         y, _ = fn(x, delta, A, B, C, self.D.float(), chunk_size=self.cfg.chunk_size, final_state=False)
         return self.out_proj(y * F.silu(z))
 

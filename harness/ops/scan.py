@@ -7,7 +7,8 @@ K chunks, L chunk length (T padded up to K * L), S a second time index inside a 
 Each fast path has a `_ref` twin with the same arguments and return values (output, final state;
 the state is None when `final_state=False`, which lets training skip computing it), written as
 the papers write the recurrence: an fp32 loop over time. Only tests and benchmarks call
-the `_ref`s; models pick a backend with `pick_backend`.
+the `_ref`s; models pick a backend with `pick_backend`. Mamba-1 also has a C kernel for the CPU
+(`selective_scan_native`, source in `csrc/selective_scan.c`), built at first use.
 
 Mamba-1 (Gu & Dao 2023, Alg. 2), per channel d and state n, with Delta already through softplus:
     h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t u_t,     y_t = C_t . h_t + D u_t
@@ -22,16 +23,33 @@ import math
 import torch
 import torch.nn.functional as F
 
+from harness.ops import native
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Scans accumulate over thousands of steps: never in half precision; fp64 stays fp64 for tests.
     return torch.promote_types(dtype, torch.float32)
 
 
-def pick_backend(backend: str, x: torch.Tensor) -> str:
-    """ "torch" | "cuda": "auto" takes the mamba-ssm kernels only for CUDA tensors when importable."""
+def pick_backend(backend: str, x: torch.Tensor, native_kernel: str | None = None) -> str:
+    """ "torch" | "native" | "cuda". "auto" takes the mamba-ssm kernels for CUDA tensors when
+    importable, and on CPU the compiled C kernel `native_kernel` (csrc/<name>.c) when the scan has
+    one and it builds; otherwise the PyTorch path."""
+    if backend not in ("torch", "native", "cuda", "auto"):
+        raise ValueError(f"unknown scan backend {backend!r} (torch, native, cuda, auto)")
     if backend == "torch":
         return "torch"
+    if backend == "native":
+        if native_kernel is None:
+            raise ValueError("backend='native' exists for Mamba-1's selective scan only")
+        if x.device.type != "cpu":
+            raise ValueError("backend='native' is a CPU kernel; use backend='auto' or 'cuda' on a GPU")
+        if native.load(native_kernel, _compute_dtype(x.dtype)) is None:
+            raise RuntimeError(
+                "backend='native' could not build its C kernel (see the warning above; needs a C compiler, "
+                "and HARNESS_NATIVE unset or 1)"
+            )
+        return "native"
     if backend == "cuda":
         if not x.is_cuda:
             raise ValueError("backend='cuda' needs CUDA tensors; use backend='auto' or 'torch' on CPU")
@@ -42,9 +60,9 @@ def pick_backend(backend: str, x: torch.Tensor) -> str:
                 "backend='cuda' needs the mamba-ssm kernels: pip install -e '.[cuda]' on a CUDA machine"
             ) from e
         return "cuda"
-    if backend != "auto":
-        raise ValueError(f"unknown scan backend {backend!r} (torch, cuda, auto)")
     if not x.is_cuda:
+        if native_kernel and x.device.type == "cpu" and native.load(native_kernel, _compute_dtype(x.dtype)):
+            return "native"
         return "torch"
     try:
         import mamba_ssm  # noqa: F401
@@ -196,6 +214,83 @@ def selective_scan(
     args = (t.to(dt) for t in (u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN))
     with torch.autocast(u_BTD.device.type, enabled=False):  # as in ssd_scan: widened, never bf16
         y_BTD, h_BDN = _SelectiveScan.apply(*args, max(1, chunk_size))
+    return y_BTD.to(u_BTD.dtype), (h_BDN if final_state else None)
+
+
+class _SelectiveScanNative(torch.autograd.Function):
+    """The fused C kernel of `csrc/selective_scan.c`: forward keeps the state at the start of
+    every `block` steps, backward recomputes each block's states (as `_SelectiveScan` does), but
+    one pass per step over (D, N) in registers instead of ~20 passes over (B, T, D, N) tensors."""
+
+    @staticmethod
+    def forward(ctx, lib, u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN, block, want_grad):
+        Bsz, T, D = u_BTD.shape
+        N = A_DN.shape[1]
+        K = -(-T // block)
+        y_BTD = torch.empty_like(u_BTD)
+        h_BDN = torch.empty_like(h0_BDN)
+        starts_BKDN = u_BTD.new_empty(Bsz, K, D, N) if want_grad else None
+        ins = [native.ptr(t) for t in (u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN)]
+        outs = [native.ptr(t) for t in (y_BTD, h_BDN, starts_BKDN)]
+        native.run_tasks(
+            lambda lo, hi: lib.scan_fwd(lo, hi, Bsz, T, D, N, block, *ins, *outs),
+            Bsz * -(-D // lib.scan_width()),
+        )
+        ctx.lib, ctx.block = lib, block
+        if want_grad:
+            ctx.save_for_backward(u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, starts_BKDN)
+        return y_BTD, h_BDN
+
+    @staticmethod
+    def backward(ctx, gy_BTD, gh_BDN):
+        u, delta, A, Bm, Cm, D_D, starts = ctx.saved_tensors
+        Bsz, T, D = u.shape
+        N, nblk = A.shape[1], -(-D // ctx.lib.scan_width())
+        gy_BTD = torch.zeros_like(u) if gy_BTD is None else gy_BTD.contiguous()
+        gh_BDN = None if gh_BDN is None else gh_BDN.contiguous()
+        gu, gdelta = torch.empty_like(u), torch.empty_like(u)
+        gA_BDN, gh0_BDN, gD_BD = u.new_empty(Bsz, D, N), u.new_empty(Bsz, D, N), u.new_empty(Bsz, D)
+        gB_BGTN, gC_BGTN = u.new_empty(Bsz, nblk, T, N), u.new_empty(Bsz, nblk, T, N)
+        args = [native.ptr(t) for t in (u, delta, A, Bm, Cm, D_D, starts, gy_BTD, gh_BDN)]
+        args += [native.ptr(t) for t in (gu, gdelta, gA_BDN, gB_BGTN, gC_BGTN, gD_BD, gh0_BDN)]
+        native.run_tasks(lambda lo, hi: ctx.lib.scan_bwd(lo, hi, Bsz, T, D, N, ctx.block, *args), Bsz * nblk)
+        return (
+            None,
+            gu,
+            gdelta,
+            gA_BDN.sum(0),
+            gB_BGTN.sum(1),
+            gC_BGTN.sum(1),
+            gD_BD.sum(0),
+            gh0_BDN,
+            None,
+            None,
+        )
+
+
+def selective_scan_native(
+    u_BTD: torch.Tensor,
+    delta_BTD: torch.Tensor,
+    A_DN: torch.Tensor,
+    B_BTN: torch.Tensor,
+    C_BTN: torch.Tensor,
+    D_D: torch.Tensor,
+    h0_BDN: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CPU fast path in C (`harness.ops.native`); the PyTorch `selective_scan` where no compiler is."""
+    dt = _compute_dtype(u_BTD.dtype)
+    lib = native.load("selective_scan", dt) if u_BTD.device.type == "cpu" else None
+    if lib is None:
+        return selective_scan(u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN, chunk_size, final_state)
+    Bsz, T, D = u_BTD.shape
+    if h0_BDN is None:
+        h0_BDN = torch.zeros(Bsz, D, A_DN.shape[1], dtype=dt)
+    args = [t.to(dt).contiguous() for t in (u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN)]
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    with torch.autocast("cpu", enabled=False):
+        y_BTD, h_BDN = _SelectiveScanNative.apply(lib, *args, max(1, chunk_size), want_grad)
     return y_BTD.to(u_BTD.dtype), (h_BDN if final_state else None)
 
 

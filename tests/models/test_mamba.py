@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from harness.flops import count
 from harness.models import build_model, mamba
 from harness.models.mamba import Mamba2Config, MambaConfig
-from harness.ops import scan
+from harness.ops import native, scan
 from tests.helpers import measured_flops, tiny
 
 # Several shapes per version; T (the forward length) on and off the SSD chunk grid.
@@ -139,10 +139,21 @@ def test_widths_derive_from_d_model():
         (MambaConfig, dict(d_state=-1), "d_state"),
         (MambaConfig, dict(chunk_size=0), "chunk_size"),
         (MambaConfig, dict(backend="triton"), "backend"),
+        (Mamba2Config, dict(backend="native"), "Mamba-1's CPU kernel"),
         (MambaConfig, dict(dt_min=0.2, dt_max=0.1), "dt_min"),
         (Mamba2Config, dict(d_model=64, n_heads=3), "n_heads \\* head_dim"),
     ],
-    ids=["v2-under-mamba", "v1-under-mamba2", "expand", "d_state", "chunk", "backend", "dt-range", "heads"],
+    ids=[
+        "v2-under-mamba",
+        "v1-under-mamba2",
+        "expand",
+        "d_state",
+        "chunk",
+        "backend",
+        "native-v2",
+        "dt-range",
+        "heads",
+    ],
 )
 def test_config_rejects_impossible_values(cls, fields, match):
     with pytest.raises(ValueError, match=match):
@@ -163,3 +174,22 @@ def test_dt_bias_survives_backbone_init():
     model = build_model(MambaConfig(d_model=32, n_layers=1))
     dt = torch.nn.functional.softplus(model.blocks[0].seq_mixer.dt_proj.bias)
     assert 0.0009 < dt.min() and dt.max() < 0.11
+
+
+@pytest.mark.skipif(
+    native.load("selective_scan", torch.float64) is None, reason="the native CPU kernel did not build here"
+)
+def test_native_backend_equals_torch_backend():
+    """A Mamba-1 model gives the same logits and parameter gradients on either CPU backend."""
+    fields = dict(d_model=40, n_layers=2, d_state=5, seq_len=20, chunk_size=8)
+    idx = torch.randint(0, 256, (2, 19))
+    grads = []
+    for backend in ("torch", "native"):
+        torch.manual_seed(0)
+        model = build_model(MambaConfig(backend=backend, **fields)).double()
+        out = model(idx).logits
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

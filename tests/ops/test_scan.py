@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.ops import scan
+from harness.ops import native, scan
+
+native_available = pytest.mark.skipif(
+    native.load("selective_scan", torch.float64) is None,
+    reason="the native CPU kernel did not build here (no C compiler, or HARNESS_NATIVE=0)",
+)
 
 # (batch, T, chunk): on the grid, off it, shorter than one chunk, a single step.
 SHAPES = [(2, 32, 8), (2, 37, 8), (1, 5, 8), (2, 1, 4), (1, 24, 1)]
@@ -63,9 +68,16 @@ def _outputs_and_grads(fn, inputs, chunk: int, with_h0: bool):
     "fast,ref,make",
     [
         (scan.selective_scan, scan.selective_scan_ref, _selective_inputs),
+        pytest.param(
+            scan.selective_scan_native,
+            scan.selective_scan_ref,
+            _selective_inputs,
+            marks=native_available,
+            id="mamba1-native",
+        ),
         (scan.ssd_scan, scan.ssd_scan_ref, _ssd_inputs),
     ],
-    ids=["mamba1", "mamba2"],
+    ids=["mamba1", None, "mamba2"],
 )
 def test_fast_equals_reference(fast, ref, make, B, T, chunk, with_h0):
     inputs = make(B, T)
@@ -79,8 +91,14 @@ def test_fast_equals_reference(fast, ref, make, B, T, chunk, with_h0):
 
 @pytest.mark.parametrize(
     "fast,make",
-    [(scan.selective_scan, _selective_inputs), (scan.ssd_scan, _ssd_inputs)],
-    ids=["mamba1", "mamba2"],
+    [
+        (scan.selective_scan, _selective_inputs),
+        pytest.param(
+            scan.selective_scan_native, _selective_inputs, marks=native_available, id="mamba1-native"
+        ),
+        (scan.ssd_scan, _ssd_inputs),
+    ],
+    ids=["mamba1", None, "mamba2"],
 )
 def test_split_sequence_resumes_from_state(fast, make):
     """Scanning [0, 20) then [20, 45) from the carried state equals scanning [0, 45) at once."""
@@ -94,8 +112,14 @@ def test_split_sequence_resumes_from_state(fast, make):
 
 @pytest.mark.parametrize(
     "fast,make",
-    [(scan.selective_scan, _selective_inputs), (scan.ssd_scan, _ssd_inputs)],
-    ids=["mamba1", "mamba2"],
+    [
+        (scan.selective_scan, _selective_inputs),
+        pytest.param(
+            scan.selective_scan_native, _selective_inputs, marks=native_available, id="mamba1-native"
+        ),
+        (scan.ssd_scan, _ssd_inputs),
+    ],
+    ids=["mamba1", None, "mamba2"],
 )
 def test_fp32_long_decay_stays_finite(fast, make):
     """Large Delta drives cumulative log-decays far below exp's fp32 range within one chunk; the fast
@@ -103,7 +127,7 @@ def test_fp32_long_decay_stays_finite(fast, make):
     x, dt, A, Bm, Cm, D, _ = (t.float() for t in make(1, 64))
     dt = dt * 50
     y, h = fast(x, dt, A, Bm, Cm, D, chunk_size=64)
-    y_ref, h_ref = (scan.selective_scan_ref if fast is scan.selective_scan else scan.ssd_scan_ref)(
+    y_ref, h_ref = (scan.ssd_scan_ref if fast is scan.ssd_scan else scan.selective_scan_ref)(
         x, dt, A, Bm, Cm, D
     )
     assert torch.isfinite(y).all() and torch.isfinite(h).all()
@@ -116,14 +140,50 @@ def test_half_inputs_compute_in_fp32():
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
 
 
-def test_pick_backend_on_cpu():
+def test_pick_backend_on_cpu(monkeypatch):
     x = torch.zeros(1)
     assert scan.pick_backend("auto", x) == "torch"
-    assert scan.pick_backend("torch", x) == "torch"
+    assert scan.pick_backend("torch", x, native_kernel="selective_scan") == "torch"
     with pytest.raises(ValueError, match="CUDA tensors"):
         scan.pick_backend("cuda", x)
     with pytest.raises(ValueError, match="unknown scan backend"):
         scan.pick_backend("triton", x)
+    with pytest.raises(ValueError, match="Mamba-1"):
+        scan.pick_backend("native", x)
+    # Without a kernel "auto" falls back to PyTorch, and an explicit "native" says why it cannot run.
+    monkeypatch.setenv("HARNESS_NATIVE", "0")
+    native.load.cache_clear()
+    try:
+        assert scan.pick_backend("auto", x, native_kernel="selective_scan") == "torch"
+        with pytest.raises(RuntimeError, match="could not build"):
+            scan.pick_backend("native", x, native_kernel="selective_scan")
+    finally:
+        native.load.cache_clear()
+
+
+@native_available
+def test_auto_takes_the_native_kernel_on_cpu():
+    assert scan.pick_backend("auto", torch.zeros(1), native_kernel="selective_scan") == "native"
+
+
+@native_available
+@pytest.mark.parametrize(
+    "D,N", [(48, 16), (40, 32), (16, 20), (7, 3)], ids=["D48-N16", "D40-N32", "D16-N20", "D7-N3"]
+)
+def test_native_fp32_matches_fp64_reference(D, N):
+    """The fp32 build has its own exp and, where AVX-512 is, a vectorised tile sum for dB and dC
+    (whole 16-state tiles; the rest take the plain loop): both checked against the fp64 loop."""
+    inputs = _selective_inputs(2, 70, D=D, N=N)
+    gy, gh = torch.randn(2, 70, D, dtype=torch.float64), torch.randn(2, D, N, dtype=torch.float64)
+    results = []
+    for fn, dtype in ((scan.selective_scan_ref, torch.float64), (scan.selective_scan_native, torch.float32)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        y, h = fn(*leaves, chunk_size=32)
+        ((y * gy.to(dtype)).sum() + (h * gh.to(dtype)).sum()).backward()
+        results.append([y, h, *(t.grad for t in leaves)])
+    for i, (a, b) in enumerate(zip(results[1], results[0], strict=True)):
+        err = float((a.double() - b).abs().max() / b.abs().max())
+        assert err < 2e-6, f"output {i}: relative error {err:.1e}"
 
 
 def test_auto_falls_back_with_cuda_hidden(monkeypatch):
@@ -157,9 +217,16 @@ def test_cuda_kernels_match_torch(T):
     "fast,ref,make",
     [
         (scan.selective_scan, scan.selective_scan_ref, _selective_inputs),
+        pytest.param(
+            scan.selective_scan_native,
+            scan.selective_scan_ref,
+            _selective_inputs,
+            marks=native_available,
+            id="mamba1-native",
+        ),
         (scan.ssd_scan, scan.ssd_scan_ref, _ssd_inputs),
     ],
-    ids=["mamba1", "mamba2"],
+    ids=["mamba1", None, "mamba2"],
 )
 @pytest.mark.parametrize("T", [8, 19], ids=["T8-one-chunk", "T19-three-chunks"])
 def test_without_final_state(fast, ref, make, T):
