@@ -12,6 +12,11 @@ input-dependent Delta (softplus(dt_proj(.))), B, C; A = -exp(A_log), D skip; y *
 Mamba-2 mixer: in_proj -> (z, xBC, dt); xBC -> conv -> SiLU -> SSD with one scalar decay per head
 (one group of B and C shared by all heads); RMSNorm(y * SiLU(z)) -> out_proj.
 
+Backends: "auto" runs mamba-ssm's kernels on CUDA when installed; on CPU, Mamba-1 runs the fused C
+scan of `harness/ops/csrc/selective_scan.c` (built at first use, see `harness.ops.native`) and
+falls back to the PyTorch scan where no C compiler is; Mamba-2 runs its PyTorch SSD. "torch",
+"native" and "cuda" force one.
+
 Deviations: the shared backbone ties the head to the embedding and scales residual output
 projections by 1/sqrt(2 n_layers) (the paper's GPT-2 style init, also what mamba-ssm does);
 Mamba-2 uses d_state 64 by default instead of 128, which suits the small widths this harness runs.

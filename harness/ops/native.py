@@ -116,18 +116,25 @@ def load(name: str, dtype: torch.dtype) -> ctypes.CDLL | None:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    # Keyed by pid: a forked child inherits the pool object but not its threads.
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="harness-native")
 
 
-def run_tasks(fn: Callable[[int, int], int], n_tasks: int) -> None:
-    """Call fn(lo, hi) on contiguous task ranges, one per thread; fn returns 0 or a C error code."""
-    workers = max(1, min(torch.get_num_threads(), n_tasks))
-    bounds = [n_tasks * i // workers for i in range(workers + 1)]
-    if workers == 1:
-        codes = [fn(0, n_tasks)]
+def workers(n_tasks: int) -> int:
+    """How many threads `run_tasks` uses for n_tasks tasks."""
+    return max(1, min(torch.get_num_threads(), n_tasks))
+
+
+def run_tasks(fn: Callable[[int, int, int], int], n_tasks: int) -> None:
+    """Call fn(lo, hi, part) on contiguous task ranges, part = 0 .. workers(n_tasks) - 1, one per
+    thread; fn returns 0 or a C error code."""
+    n = workers(n_tasks)
+    bounds = [n_tasks * i // n for i in range(n + 1)]
+    if n == 1:
+        codes = [fn(0, n_tasks, 0)]
     else:
-        codes = list(_pool(workers).map(fn, bounds[:-1], bounds[1:]))
+        codes = list(_pool(n, os.getpid()).map(fn, bounds[:-1], bounds[1:], range(n)))
     if any(codes):
         raise MemoryError("native kernel could not allocate its work buffers")
 

@@ -233,7 +233,7 @@ class _SelectiveScanNative(torch.autograd.Function):
         ins = [native.ptr(t) for t in (u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN)]
         outs = [native.ptr(t) for t in (y_BTD, h_BDN, starts_BKDN)]
         native.run_tasks(
-            lambda lo, hi: lib.scan_fwd(lo, hi, Bsz, T, D, N, block, *ins, *outs),
+            lambda lo, hi, part: lib.scan_fwd(lo, hi, Bsz, T, D, N, block, *ins, *outs),
             Bsz * -(-D // lib.scan_width()),
         )
         ctx.lib, ctx.block = lib, block
@@ -245,22 +245,25 @@ class _SelectiveScanNative(torch.autograd.Function):
     def backward(ctx, gy_BTD, gh_BDN):
         u, delta, A, Bm, Cm, D_D, starts = ctx.saved_tensors
         Bsz, T, D = u.shape
-        N, nblk = A.shape[1], -(-D // ctx.lib.scan_width())
+        N, tasks = A.shape[1], Bsz * -(-D // ctx.lib.scan_width())
         gy_BTD = torch.zeros_like(u) if gy_BTD is None else gy_BTD.contiguous()
         gh_BDN = None if gh_BDN is None else gh_BDN.contiguous()
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)
         gA_BDN, gh0_BDN, gD_BD = u.new_empty(Bsz, D, N), u.new_empty(Bsz, D, N), u.new_empty(Bsz, D)
-        gB_BGTN, gC_BGTN = u.new_empty(Bsz, nblk, T, N), u.new_empty(Bsz, nblk, T, N)
+        parts = native.workers(tasks)
+        gB_PBTN, gC_PBTN = u.new_zeros(parts, Bsz, T, N), u.new_zeros(parts, Bsz, T, N)
         args = [native.ptr(t) for t in (u, delta, A, Bm, Cm, D_D, starts, gy_BTD, gh_BDN)]
-        args += [native.ptr(t) for t in (gu, gdelta, gA_BDN, gB_BGTN, gC_BGTN, gD_BD, gh0_BDN)]
-        native.run_tasks(lambda lo, hi: ctx.lib.scan_bwd(lo, hi, Bsz, T, D, N, ctx.block, *args), Bsz * nblk)
+        args += [native.ptr(t) for t in (gu, gdelta, gA_BDN, gB_PBTN, gC_PBTN, gD_BD, gh0_BDN)]
+        native.run_tasks(
+            lambda lo, hi, part: ctx.lib.scan_bwd(lo, hi, part, Bsz, T, D, N, ctx.block, *args), tasks
+        )
         return (
             None,
             gu,
             gdelta,
             gA_BDN.sum(0),
-            gB_BGTN.sum(1),
-            gC_BGTN.sum(1),
+            gB_PBTN.sum(0),
+            gC_PBTN.sum(0),
             gD_BD.sum(0),
             gh0_BDN,
             None,

@@ -315,7 +315,9 @@ def wkv7(
     _check_backend(backend)
     fla = _fla("rwkv7", backend, r_BHTK.device)
     if fla is None:
-        return _widened(wkv7_chunked, r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK, chunk_size=chunk_size)
+        return _widened(
+            wkv7_chunked, r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK, chunk_size=chunk_size
+        )
     # fla takes (B, T, H, K), a log decay, and keeps the state key-major (K x V).
     o, S = fla.chunk_rwkv7(
         *(x.transpose(1, 2) for x in (r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK)),

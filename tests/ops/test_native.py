@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -62,9 +64,30 @@ def test_run_tasks_covers_every_task_once(threads, n):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        native.run_tasks(lambda lo, hi: seen.extend(range(lo, hi)) or 0, n)
+        native.run_tasks(lambda lo, hi, part: seen.extend(range(lo, hi)) or 0, n)
         assert sorted(seen) == list(range(n))
         with pytest.raises(MemoryError):
-            native.run_tasks(lambda lo, hi: -1, n)
+            native.run_tasks(lambda lo, hi, part: -1, n)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_thread_pool_works_in_a_forked_child():
+    torch.set_num_threads(2)
+    native.run_tasks(lambda lo, hi, part: 0, 4)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # child: must not wait forever on the parent's (absent) threads
+        torch.set_num_threads(2)  # torch drops to 1 thread in a forked child
+        seen: list[int] = []
+        native.run_tasks(lambda lo, hi, part: seen.extend(range(lo, hi)) or 0, 4)
+        os._exit(0 if sorted(seen) == [0, 1, 2, 3] else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("run_tasks hung in a forked child")
