@@ -13,7 +13,9 @@ def tiny(preset: str, **fields) -> object:
     return compose([f"model={preset}", *[f"++model.{k}={v}" for k, v in fields.items()]]).model
 
 
-def measured_flops(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, backward: bool = False) -> int:
+def measured_flops(
+    model: torch.nn.Module, batch: int, seq_len: int, vocab: int, backward: bool = False
+) -> int:
     """Total FLOPs FlopCounterMode sees for one forward (and backward) on random tokens."""
     idx = torch.randint(0, vocab, (batch, seq_len))
     with FlopCounterMode(display=False) as fc:

@@ -45,7 +45,10 @@ def test_corrupt_and_half_written_runs_become_rows_with_reasons(sweep, tmp_path)
     with pytest.warns(UserWarning):
         df = collect(root).set_index("run")
     assert df.loc[good.name, "status"] == "completed"
-    assert df.loc[other.name, "status"] == "corrupt" and "summary.json unreadable" in df.loc[other.name, "reason"]
+    assert (
+        df.loc[other.name, "status"] == "corrupt"
+        and "summary.json unreadable" in df.loc[other.name, "reason"]
+    )
     assert df.loc["half", "status"] == "corrupt" and "summary.json missing" in df.loc["half", "reason"]
     assert df.loc["junk", "status"] == "corrupt" and "config.yaml unreadable" in df.loc["junk", "reason"]
     with pytest.warns(UserWarning, match="unreadable metrics line"):

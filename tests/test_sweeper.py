@@ -37,7 +37,9 @@ def test_sweep_file_runs_every_point_and_skips_finished_ones(workdir):
 
 
 def test_broken_job_fails_before_any_job_runs(workdir):
-    r = harness_train("model=gpt2_tiny,llama_tiny", "train.tokens=2560,10", "results_dir=results", *FAST, cwd=workdir)
+    r = harness_train(
+        "model=gpt2_tiny,llama_tiny", "train.tokens=2560,10", "results_dir=results", *FAST, cwd=workdir
+    )
     assert r.returncode != 0
     assert "smaller than one batch" in r.stderr
     assert not (workdir / "results" / "default").exists() or not collect(workdir / "results" / "default").size

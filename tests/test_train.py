@@ -25,7 +25,9 @@ def test_run_writes_config_metrics_and_summary(results_dir):
     assert {p.name for p in d.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "ckpt"}
     recs = read_metrics(d)
     assert [r["step"] for r in recs] == list(range(1, 21))
-    assert {"step", "tokens", "flops_train", "train_loss", "val_loss", "lr", "wall_s", "tokens_per_s"} <= set(recs[0])
+    assert {"step", "tokens", "flops_train", "train_loss", "val_loss", "lr", "wall_s", "tokens_per_s"} <= set(
+        recs[0]
+    )
     s = json.loads((d / "summary.json").read_text())
     assert s["flops_train"] == s["flops_per_token"] * s["tokens"] == recs[-1]["flops_train"]
     assert s["final_val_loss"] == recs[-1]["val_loss"]
@@ -36,7 +38,9 @@ def test_run_writes_config_metrics_and_summary(results_dir):
 def test_resumed_run_has_the_same_loss_sequence_as_a_straight_run(tmp_path):
     straight = run_cfg(tmp_path / "a", "train.tokens=7680", "train.ckpt_every=0")
     train(straight)
-    interrupted = run_cfg(tmp_path / "b", "train.tokens=7680", "train.ckpt_every=0", "train.stop_after_steps=13")
+    interrupted = run_cfg(
+        tmp_path / "b", "train.tokens=7680", "train.ckpt_every=0", "train.stop_after_steps=13"
+    )
     first = train(interrupted)
     assert first["status"] == "running" and first["steps_done"] == 13
     resumed = run_cfg(tmp_path / "b", "train.tokens=7680", "train.ckpt_every=0")
@@ -99,7 +103,10 @@ def test_run_dir_with_a_different_config_is_refused(results_dir):
     with pytest.raises(ValueError, match="different config"):
         train(again)
     # how an attempt executes may change between attempts
-    assert train(run_cfg(results_dir, "train.tokens=2560", "run_name=fixed", "train.threads=1"))["status"] == "completed"
+    assert (
+        train(run_cfg(results_dir, "train.tokens=2560", "run_name=fixed", "train.threads=1"))["status"]
+        == "completed"
+    )
 
 
 def test_tokenizer_vocab_mismatch_fails_before_writing_anything(tmp_path):

@@ -115,7 +115,9 @@ class SoftMoEConfig(LMConfig):
         if self.n_heads < 1 or self.n_experts < 1 or self.moe_every < 1:
             raise ValueError("model.n_heads, model.n_experts and model.moe_every must be >= 1")
         if self.moe_every > self.n_layers:  # else the model has no Soft MoE layer: a plain Transformer++
-            raise ValueError(f"model.moe_every={self.moe_every} exceeds n_layers={self.n_layers}: no Soft MoE layer")
+            raise ValueError(
+                f"model.moe_every={self.moe_every} exceeds n_layers={self.n_layers}: no Soft MoE layer"
+            )
         if self.head_dim == 0:
             if self.d_model % self.n_heads:
                 raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")

@@ -20,7 +20,9 @@ def test_future_tokens_never_change_past_logits(preset):
         changed = idx.clone()
         changed[:, t + 1 :] = torch.randint(0, 256, changed[:, t + 1 :].shape)
         out = model(changed).logits
-        assert torch.allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-10), f"position <= {t} saw the future"
+        assert torch.allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-10), (
+            f"position <= {t} saw the future"
+        )
         assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :]), "perturbation had no effect at all"
 
 
@@ -46,7 +48,9 @@ def test_counts_match_the_built_model(preset, shape):
     assert c.params_total == sum(p.numel() for p in model.parameters())
     B, T = 2, cfg.seq_len
     assert measured_flops(model, B, T, cfg.vocab_size) == pytest.approx(c.forward * B * T, rel=0.01)
-    assert measured_flops(model, B, T, cfg.vocab_size, backward=True) == pytest.approx(c.train * B * T, rel=0.01)
+    assert measured_flops(model, B, T, cfg.vocab_size, backward=True) == pytest.approx(
+        c.train * B * T, rel=0.01
+    )
 
 
 @pytest.mark.parametrize("preset", DENSE)
