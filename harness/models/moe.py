@@ -68,7 +68,7 @@ class MoEConfig(DenseConfig):
     load_balance_weight: float = 0.01  # Switch loss (Fedus et al. use 1e-2)
     z_loss_weight: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     cv_loss_weight: float = 0.0  # importance + load CV^2 (Shazeer et al. use 0.1)
-    backend: str = "auto"  # "torch" | "auto": sorted, batched-matmul dispatch (runs on GPU too)
+    backend: str = "auto"  # "torch" | "auto": expert-sorted dispatch (grouped on CPU, padded bmm on GPU)
     causal: bool = True  # derived from the router; any value given is replaced
 
     def __post_init__(self) -> None:

@@ -10,8 +10,9 @@ choice, with or without capacity) reduces to this list, so one dispatch serves t
 
     y[t] = sum over a with tok_A[a] = t of gate_A[a] * Expert_{exp_A[a]}(x[t])     (Shazeer et al. 2017, eq. 1)
 
-`expert_mlp` (fast: sort by expert, one batched matmul) and `expert_mlp_ref` (the loop above, one
-expert at a time) compute the same thing. `capacity_keep` decides which assignments fit into an
+`expert_mlp` (fast: sort by expert, then matmuls on each expert's contiguous segment on CPU, or one
+padded batched matmul elsewhere) and `expert_mlp_ref` (the loop above, one expert at a time)
+compute the same thing. `capacity_keep` decides which assignments fit into an
 expert's capacity; `capacity_keep_ref` is its loop twin.
 
 Capacity priority rule: within one sequence, assignments are served in position order (token t
@@ -109,15 +110,146 @@ def expert_mlp(
     tok_A: torch.Tensor,
     exp_A: torch.Tensor,
     gate_A: torch.Tensor,
+    layout: str = "auto",
 ) -> torch.Tensor:
-    """Fast dispatch: sort assignments by expert, pack each expert's tokens into a padded slab
-    (E, L, D) with L the largest expert load, run the SwiGLU experts as two batched matmuls, and
-    sum each token's gated rows back. Padding rows are zeros and cost only FLOPs. Two host syncs
-    (L and the most assignments of one token) fix the shapes."""
-    N, D = x_ND.shape
-    E = w_up_EDH.shape[0]
+    """Fast dispatch. `layout` "grouped" (the "auto" choice on CPU) runs each expert's matmuls on
+    its contiguous segment of the expert-sorted assignments, with a hand-written backward;
+    "padded" (the "auto" choice elsewhere) packs the segments into a zero-padded (E, L, D) slab
+    and runs batched matmuls, a few large kernels instead of 6 E small ones."""
+    if layout == "auto":
+        layout = "grouped" if x_ND.device.type == "cpu" else "padded"
+    if layout not in ("grouped", "padded"):
+        raise ValueError(f"layout must be 'auto', 'grouped' or 'padded', got {layout!r}")
     if tok_A.numel() == 0:
         return torch.zeros_like(x_ND) + 0 * (w_up_EDH.sum() + w_down_EFD.sum())  # keep grads defined
+    if layout == "padded":
+        return _expert_mlp_padded(x_ND, w_up_EDH, w_down_EFD, tok_A, exp_A, gate_A)
+    order_A = torch.argsort(exp_A, stable=True)
+    counts = torch.bincount(exp_A, minlength=w_up_EDH.shape[0]).tolist()  # the one host sync
+    dev = x_ND.device.type
+    if torch.is_autocast_enabled(dev):
+        ct = torch.get_autocast_dtype(dev)
+    else:
+        ct = torch.promote_types(x_ND.dtype, torch.promote_types(w_up_EDH.dtype, w_down_EFD.dtype))
+    return _GroupedExperts.apply(x_ND, w_up_EDH, w_down_EFD, gate_A[order_A], tok_A[order_A], counts, ct)
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """y = scatter_add over sorted assignments of gate * SwiGLU_e(x[tok]), experts run on
+    contiguous segments of the expert-sorted rows (a grouped matmul written as a loop of
+    `torch.mm(out=...)` into preallocated buffers).
+
+    Why by hand on CPU (measured at 4096 tokens, d 256, d_ff 512, top-2, 64 experts, 2 cores,
+    fp32): the padded slab spent ~25% of its step outside matmuls (the cat in the SwiGLU chunk's
+    backward, padding) and its bmm ran at ~120 GFLOP/s on ~1.3x the FLOPs (padding to the largest
+    load), where one `mm` per segment runs at ~170 in isolation. The reference spends ~20-30% of
+    its step outside matmuls, mostly in autograd filling a zero (N, D) gradient per expert for
+    `x[tok]` and copying it. Here the backward does one gather of dy and one scatter-add
+    into dx, writes weight gradients straight into (E, ...) buffers, and runs the SwiGLU and its
+    backward per segment while the segment is still in cache (~8% faster than whole-buffer
+    elementwise ops). Gate and up halves go to separate buffers: splitting the (A, 2F) matmul
+    measured a few % faster than strided elementwise ops on its halves. The one host sync is the
+    per-expert counts. `torch.nn.functional.grouped_mm` runs on CPU in torch 2.13 but measured
+    slower than this loop in fp32 (77 vs 108 GFLOP/s in one loaded run) and rejects fp64.
+
+    Matmuls run in `ct` (the autocast dtype, else the inputs' promoted dtype); the gated combine
+    accumulates in at least fp32, as the reference does. Under bf16 autocast the weights are cast
+    one expert at a time and the weight gradients written straight into fp32 buffers: whole-tensor
+    casts into fresh (E, ...) buffers cost ~20% of the step at 64 experts (page faults)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_up_EDH, w_down_EFD, gate_A, tok_A, counts, ct):
+        F_ = w_down_EFD.shape[1]
+        acc = torch.promote_types(x_ND.dtype, torch.float32)
+        with torch.autocast(x_ND.device.type, enabled=False):
+            xs_AD = x_ND.index_select(0, tok_A).to(ct)
+            A, D = xs_AD.shape
+            # gate and up halves into separate buffers: elementwise ops on contiguous (A, F) are
+            # ~3x faster than on the strided halves of one (A, 2F) buffer.
+            g_AF, u_AF, o_AD = xs_AD.new_empty(A, F_), xs_AD.new_empty(A, F_), xs_AD.new_empty(A, D)
+            for e, s0, s1 in _segments(counts):
+                g, u = g_AF[s0:s1], u_AF[s0:s1]
+                w_up = w_up_EDH[e].to(ct)  # per expert: a fresh full-size copy costs page faults
+                torch.mm(xs_AD[s0:s1], w_up[:, :F_], out=g)
+                torch.mm(xs_AD[s0:s1], w_up[:, F_:], out=u)
+                torch.mm(F.silu(g).mul_(u), w_down_EFD[e].to(ct), out=o_AD[s0:s1])
+            y_ND = torch.zeros(x_ND.shape, dtype=acc, device=x_ND.device)
+            y_ND.scatter_add_(0, tok_A[:, None].expand(A, D), o_AD.to(acc) * gate_A.to(acc)[:, None])
+        ctx.save_for_backward(w_up_EDH, w_down_EFD, gate_A, tok_A, xs_AD, g_AF, u_AF, o_AD)
+        ctx.counts, ctx.x_dtype = counts, x_ND.dtype
+        return y_ND.to(x_ND.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_ND):
+        w_up_EDH, w_down_EFD, gate_A, tok_A, xs_AD, g_AF, u_AF, o_AD = ctx.saved_tensors
+        counts, x_dt = ctx.counts, ctx.x_dtype
+        E, F_, D = w_down_EFD.shape
+        A, ct = xs_AD.shape[0], xs_AD.dtype
+        acc = torch.promote_types(dy_ND.dtype, torch.float32)
+        dy_AD = dy_ND.index_select(0, tok_A).to(acc)
+        dgate_A = (dy_AD * o_AD.to(acc)).sum(-1).to(gate_A.dtype)
+        do_AD = (dy_AD * gate_A.to(acc)[:, None]).to(ct)
+        dw_up, dw_down = torch.empty_like(w_up_EDH), torch.empty_like(w_down_EFD)
+        dxs_AD = xs_AD.new_empty(A, D)
+        for e in range(E):
+            if not counts[e]:  # an expert with no tokens gets zero gradients
+                dw_up[e].zero_()
+                dw_down[e].zero_()
+        need_dx = ctx.needs_input_grad[0]
+        for e, s0, s1 in _segments(counts):
+            do, xs, g, u, dx = do_AD[s0:s1], xs_AD[s0:s1], g_AF[s0:s1], u_AF[s0:s1], dxs_AD[s0:s1]
+            w_up, w_down = w_up_EDH[e].to(ct), w_down_EFD[e].to(ct)
+            silu_g = F.silu(g)  # recomputed: saving act would cost another (A, F) buffer
+            _mm_into((silu_g * u).t(), do, dw_down[e])
+            dact = torch.mm(do, w_down.t())
+            # SwiGLU backward: d act / d u = silu(g), d act / d g = u silu'(g)
+            du = silu_g.mul_(dact)
+            dg = torch.ops.aten.silu_backward(dact.mul_(u), g)
+            _mm_into(xs.t(), dg, dw_up[e, :, :F_])
+            _mm_into(xs.t(), du, dw_up[e, :, F_:])
+            if need_dx:
+                torch.mm(dg, w_up[:, :F_].t(), out=dx)
+                dx.addmm_(du, w_up[:, F_:].t())
+        dx_ND = None
+        if need_dx:
+            dx_ND = torch.zeros(dy_ND.shape, dtype=acc, device=dy_ND.device)
+            dx_ND = dx_ND.scatter_add_(0, tok_A[:, None].expand(A, D), dxs_AD.to(acc)).to(x_dt)
+        return dx_ND, dw_up, dw_down, dgate_A, None, None, None
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a b, straight into `out`, or through a temporary when `out` holds another dtype
+    (bf16 matmuls under autocast, fp32 weight gradients)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+def _segments(counts: list[int]):
+    """(expert, start, end) of each non-empty segment of the expert-sorted assignments."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, start, start + n
+        start += n
+
+
+def _expert_mlp_padded(
+    x_ND: torch.Tensor,
+    w_up_EDH: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+    tok_A: torch.Tensor,
+    exp_A: torch.Tensor,
+    gate_A: torch.Tensor,
+) -> torch.Tensor:
+    """Sort assignments by expert, pack each expert's tokens into a padded slab (E, L, D) with L
+    the largest expert load, run the SwiGLU experts as two batched matmuls, and sum each token's
+    gated rows back. Padding rows are zeros and cost only FLOPs. Two host syncs (L and the most
+    assignments of one token) fix the shapes."""
+    N, D = x_ND.shape
+    E = w_up_EDH.shape[0]
     order_A = torch.argsort(exp_A, stable=True)
     exp_s, tok_s, gate_s = exp_A[order_A], tok_A[order_A], gate_A[order_A]
     counts_E = torch.bincount(exp_s, minlength=E)

@@ -25,15 +25,23 @@ def _routed(router, top_k, cf, B=2, T=13, E=5, D=8, seed=0):
     return x, w_r, r
 
 
+LAYOUTS = ("grouped", "padded")
+
+
+def _fast(layout):
+    return lambda *args: dispatch.expert_mlp(*args, layout=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("router,top_k,cf", ROUTER_CASES, ids=[f"{r}-k{k}-cf{c}" for r, k, c in ROUTER_CASES])
-def test_fast_dispatch_matches_loop(router, top_k, cf):
+def test_fast_dispatch_matches_loop(router, top_k, cf, layout):
     E, D, Fe = 5, 8, 6
     g = torch.Generator().manual_seed(1)
     w_up = torch.randn(E, D, 2 * Fe, generator=g, dtype=torch.float64, requires_grad=True)
     w_down = torch.randn(E, Fe, D, generator=g, dtype=torch.float64, requires_grad=True)
     leaves = None
     outs, grads = [], []
-    for fn in (dispatch.expert_mlp, dispatch.expert_mlp_ref):
+    for fn in (_fast(layout), dispatch.expert_mlp_ref):
         x, w_r, r = _routed(router, top_k, cf, E=E, D=D)
         y = fn(x, w_up, w_down, r["tok_A"], r["exp_A"], r["gate_A"])
         leaves = (x, w_r, w_up, w_down)
@@ -44,12 +52,108 @@ def test_fast_dispatch_matches_loop(router, top_k, cf):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
 
 
+def _assignments(N, E, A, used, seed):
+    """A random assignments to the experts in `used` only; a token may appear several times."""
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, N, (A,), generator=g)
+    exp = torch.tensor(used)[torch.randint(0, len(used), (A,), generator=g)]
+    gate = torch.rand(A, generator=g, dtype=torch.float64).requires_grad_()
+    return tok, exp, gate
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "E,used", [(6, [0, 2, 5]), (4, [3]), (7, [1, 2, 3, 4, 5, 6])], ids=["gaps", "one-expert", "first-empty"]
+)
+def test_fast_dispatch_with_empty_experts(E, used, layout):
+    """Experts that receive no token: zero weight gradients, and every other gradient (x, both
+    weights, gates) equal to the loop's, in fp64."""
+    N, D, Fe = 11, 8, 6
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w_up = torch.randn(E, D, 2 * Fe, generator=g, dtype=torch.float64, requires_grad=True)
+    w_down = torch.randn(E, Fe, D, generator=g, dtype=torch.float64, requires_grad=True)
+    tok, exp, gate = _assignments(N, E, 17, used, seed=3)
+    w_y = torch.randn(N, D, generator=g, dtype=torch.float64)
+    res = []
+    for fn in (_fast(layout), dispatch.expert_mlp_ref):
+        y = fn(x, w_up, w_down, tok, exp, gate)
+        res.append((y, *torch.autograd.grad((y * w_y).sum(), (x, w_up, w_down, gate))))
+    for name, a, b in zip(("y", "x", "w_up", "w_down", "gate"), *res, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    empty = [e for e in range(E) if e not in used]
+    assert torch.all(res[0][2][empty] == 0) and torch.all(res[0][3][empty] == 0)
+
+
+def test_grouped_dispatch_gradcheck():
+    """The hand-written backward against finite differences, independent of the reference."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w_up = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w_down = torch.randn(3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    tok, exp, gate = _assignments(7, 3, 10, [0, 2], seed=8)
+    fn = _fast("grouped")
+    assert torch.autograd.gradcheck(lambda *a: fn(*a[:3], tok, exp, a[3]), (x, w_up, w_down, gate))
+
+
+def test_grouped_dispatch_when_x_needs_no_grad():
+    x = torch.randn(9, 8, dtype=torch.float64)
+    w_up = torch.randn(3, 8, 10, dtype=torch.float64, requires_grad=True)
+    w_down = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    tok, exp, gate = _assignments(9, 3, 14, [0, 2], seed=6)
+    res = []
+    for fn in (_fast("grouped"), dispatch.expert_mlp_ref):
+        y = fn(x, w_up, w_down, tok, exp, gate)
+        res.append((y, *torch.autograd.grad(y.square().sum(), (w_up, w_down, gate))))
+    for name, a, b in zip(("y", "w_up", "w_down", "gate"), *res, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fast_dispatch_without_assignments(layout):
+    x = torch.randn(3, 4, requires_grad=True)
+    w_up, w_down = torch.randn(2, 4, 6, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True)
+    none, gate = torch.zeros(0, dtype=torch.long), torch.zeros(0, requires_grad=True)
+    y = dispatch.expert_mlp(x, w_up, w_down, none, none, gate, layout=layout)
+    assert torch.all(y == 0)
+    grads = torch.autograd.grad(y.sum(), (x, w_up, w_down), allow_unused=True)
+    assert all(gr is None or torch.all(gr == 0) for gr in grads)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fast_dispatch_under_bf16_autocast(layout):
+    """Under autocast both paths run bf16 matmuls and return, and differentiate into, fp32."""
+    N, E, D, Fe = 24, 4, 16, 8
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    w_up = torch.randn(E, D, 2 * Fe, generator=g).div(4).requires_grad_()
+    w_down = torch.randn(E, Fe, D, generator=g).div(4).requires_grad_()
+    tok, exp, gate = _assignments(N, E, 40, [0, 1, 3], seed=5)
+    gate = gate.detach().float().requires_grad_()
+    res = []
+    for fn in (_fast(layout), dispatch.expert_mlp_ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w_up, w_down, tok, exp, gate)
+        assert y.dtype == torch.float32
+        res.append((y, *torch.autograd.grad(y.square().sum(), (x, w_up, w_down, gate))))
+    for name, a, b in zip(("y", "x", "w_up", "w_down", "gate"), *res, strict=True):
+        assert a.dtype == b.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * float(b.detach().abs().max()), msg=name)
+
+
+def test_unknown_layout_raises():
+    with pytest.raises(ValueError, match="layout"):
+        dispatch.expert_mlp(
+            torch.zeros(1, 2), torch.zeros(1, 2, 2), torch.zeros(1, 1, 2), *[torch.zeros(0)] * 3, "x"
+        )
+
+
 def test_unrouted_tokens_get_zero_output():
     """A token with no kept assignment contributes nothing: the block leaves its residual as is."""
     x = torch.randn(4, 3, dtype=torch.float64)
     w_up, w_down = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)
     tok, exp, gate = torch.tensor([0, 2]), torch.tensor([1, 1]), torch.tensor([0.5, 1.0], dtype=torch.float64)
-    for fn in (dispatch.expert_mlp, dispatch.expert_mlp_ref):
+    for fn in (_fast("grouped"), _fast("padded"), dispatch.expert_mlp_ref):
         y = fn(x, w_up, w_down, tok, exp, gate)
         assert torch.all(y[[1, 3]] == 0) and torch.all(y[[0, 2]] != 0)
 
