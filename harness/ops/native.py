@@ -6,8 +6,9 @@ once per (source, precision, compiler, CPU) into a cache directory (`$HARNESS_KE
 `~/.cache/harness/kernels`) with `-O3 -march=native`; concurrent builders write to temporary files
 and rename, so parallel jobs never load a half-written library. No compiler, a failed build, or
 `HARNESS_NATIVE=0` makes `load` return None and callers fall back to their PyTorch paths (one
-warning says why). ctypes releases the GIL during a call, so `run_tasks` spreads independent
-tasks over Python threads, as many as `torch.get_num_threads()`.
+warning says why). Kernels parallelise with OpenMP over `torch.get_num_threads()` threads, in the
+OpenMP runtime torch already loaded (see the end of csrc/selective_scan.c); ctypes releases the
+GIL during the call.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ CFLAGS = [
     *os.environ.get("HARNESS_NATIVE_CFLAGS", "").split(),
     "-O3",
     "-march=native",
-    "-fopenmp-simd",
+    "-fopenmp",  # see the end of csrc/selective_scan.c: shares torch's OpenMP runtime
     "-fno-math-errno",
     "-fno-trapping-math",
     "-fPIC",
@@ -115,27 +114,8 @@ def load(name: str, dtype: torch.dtype) -> ctypes.CDLL | None:
         return None
 
 
-@functools.cache
-def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
-    # Keyed by pid: a forked child inherits the pool object but not its threads.
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="harness-native")
-
-
-def workers(n_tasks: int) -> int:
-    """How many threads `run_tasks` uses for n_tasks tasks."""
-    return max(1, min(torch.get_num_threads(), n_tasks))
-
-
-def run_tasks(fn: Callable[[int, int, int], int], n_tasks: int) -> None:
-    """Call fn(lo, hi, part) on contiguous task ranges, part = 0 .. workers(n_tasks) - 1, one per
-    thread; fn returns 0 or a C error code."""
-    n = workers(n_tasks)
-    bounds = [n_tasks * i // n for i in range(n + 1)]
-    if n == 1:
-        codes = [fn(0, n_tasks, 0)]
-    else:
-        codes = list(_pool(n, os.getpid()).map(fn, bounds[:-1], bounds[1:], range(n)))
-    if any(codes):
+def check(code: int) -> None:
+    if code:
         raise MemoryError("native kernel could not allocate its work buffers")
 
 

@@ -232,10 +232,7 @@ class _SelectiveScanNative(torch.autograd.Function):
         starts_BKDN = u_BTD.new_empty(Bsz, K, D, N) if want_grad else None
         ins = [native.ptr(t) for t in (u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN)]
         outs = [native.ptr(t) for t in (y_BTD, h_BDN, starts_BKDN)]
-        native.run_tasks(
-            lambda lo, hi, part: lib.scan_fwd(lo, hi, Bsz, T, D, N, block, *ins, *outs),
-            Bsz * -(-D // lib.scan_width()),
-        )
+        native.check(lib.scan_fwd(torch.get_num_threads(), Bsz, T, D, N, block, *ins, *outs))
         ctx.lib, ctx.block = lib, block
         if want_grad:
             ctx.save_for_backward(u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, starts_BKDN)
@@ -245,18 +242,15 @@ class _SelectiveScanNative(torch.autograd.Function):
     def backward(ctx, gy_BTD, gh_BDN):
         u, delta, A, Bm, Cm, D_D, starts = ctx.saved_tensors
         Bsz, T, D = u.shape
-        N, tasks = A.shape[1], Bsz * -(-D // ctx.lib.scan_width())
+        N, threads = A.shape[1], torch.get_num_threads()
         gy_BTD = torch.zeros_like(u) if gy_BTD is None else gy_BTD.contiguous()
         gh_BDN = None if gh_BDN is None else gh_BDN.contiguous()
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)
         gA_BDN, gh0_BDN, gD_BD = u.new_empty(Bsz, D, N), u.new_empty(Bsz, D, N), u.new_empty(Bsz, D)
-        parts = native.workers(tasks)
-        gB_PBTN, gC_PBTN = u.new_zeros(parts, Bsz, T, N), u.new_zeros(parts, Bsz, T, N)
+        gB_PBTN, gC_PBTN = u.new_zeros(threads, Bsz, T, N), u.new_zeros(threads, Bsz, T, N)
         args = [native.ptr(t) for t in (u, delta, A, Bm, Cm, D_D, starts, gy_BTD, gh_BDN)]
         args += [native.ptr(t) for t in (gu, gdelta, gA_BDN, gB_PBTN, gC_PBTN, gD_BD, gh0_BDN)]
-        native.run_tasks(
-            lambda lo, hi, part: ctx.lib.scan_bwd(lo, hi, part, Bsz, T, D, N, ctx.block, *args), tasks
-        )
+        native.check(ctx.lib.scan_bwd(threads, Bsz, T, D, N, ctx.block, *args))
         return (
             None,
             gu,

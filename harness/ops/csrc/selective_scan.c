@@ -5,8 +5,8 @@
  *     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,     y_t = C_t . h_t + D u_t
  * Layouts (row-major, contiguous): u, delta, y (B, T, D); A (D, N); Bm, Cm (B, T, N); h (B, D, N).
  *
- * Work is split into tasks of one sequence b and W consecutive channels; the caller runs task
- * ranges on several threads. Inside a task the W channels are the vector lanes, so every inner
+ * Work is split into tasks of one sequence b and W consecutive channels, shared out over OpenMP
+ * threads (end of file). Inside a task the W channels are the vector lanes, so every inner
  * loop is `for j < W` over contiguous memory and the states h[N][W] stay in L1. Decays differ per
  * (channel, state), so there is no matmul form: the cost is N exps and a few FMAs per (t, channel),
  * done once here instead of ~20 passes over (B, T, D, N) tensors in PyTorch.
@@ -86,9 +86,6 @@ static inline float exp_nonpos(float x) {
 
 #define EXP(x) (sizeof(REAL) == sizeof(float) ? (REAL)exp_nonpos((float)(x)) : (REAL)exp((double)(x)))
 
-/* Channels per task, for the caller's buffer shapes. */
-int scan_width(void) { return W; }
-
 static REAL *alloc(size_t n) {
     REAL *p = aligned_alloc(64, ((n * sizeof(REAL) + 63) / 64) * 64);
     if (p) memset(p, 0, n * sizeof(REAL));
@@ -111,11 +108,9 @@ static void store_dn(REAL *dst, const REAL *src, int d0, int w, int N) {
         for (int j = 0; j < w; j++) dst[(long)(d0 + j) * N + n] = src[n * W + j];
 }
 
-/* Returns 0, or -1 when out of memory. `starts` may be NULL (no backward wanted). */
-int scan_fwd(int task_lo, int task_hi, int Bsz, int T, int D, int N, int L, const REAL *u,
-             const REAL *delta, const REAL *A, const REAL *Bm, const REAL *Cm, const REAL *Dv,
-             const REAL *h0, REAL *y, REAL *hT, REAL *starts) {
-    (void)Bsz;
+static int fwd_tasks(int task_lo, int task_hi, int T, int D, int N, int L, const REAL *u,
+                     const REAL *delta, const REAL *A, const REAL *Bm, const REAL *Cm, const REAL *Dv,
+                     const REAL *h0, REAL *y, REAL *hT, REAL *starts) {
     const int nblk = (D + W - 1) / W, K = (T + L - 1) / L;
     REAL *h = alloc((size_t)N * W), *At = alloc((size_t)N * W);
     if (!h || !At) { free(h); free(At); return -1; }
@@ -150,14 +145,10 @@ int scan_fwd(int task_lo, int task_hi, int Bsz, int T, int D, int N, int L, cons
     return 0;
 }
 
-/* gh may be NULL (no gradient on the final state). Outputs: gu, gdelta (B, T, D) and gh0 (B, D, N)
- * for the task's channels; gA_part (B, D, N) and gD_part (B, D), summed over B by the caller.
- * gB_part and gC_part (parts, B, T, N) start zeroed: each thread adds its channels' share into
- * its own `part`, and the caller sums the parts. */
-int scan_bwd(int task_lo, int task_hi, int part, int Bsz, int T, int D, int N, int L, const REAL *u,
-             const REAL *delta, const REAL *A, const REAL *Bm, const REAL *Cm, const REAL *Dv,
-             const REAL *starts, const REAL *gy, const REAL *gh, REAL *gu, REAL *gdelta,
-             REAL *gA_part, REAL *gB_part, REAL *gC_part, REAL *gD_part, REAL *gh0) {
+static int bwd_tasks(int task_lo, int task_hi, int part, int Bsz, int T, int D, int N, int L,
+                     const REAL *u, const REAL *delta, const REAL *A, const REAL *Bm, const REAL *Cm,
+                     const REAL *Dv, const REAL *starts, const REAL *gy, const REAL *gh, REAL *gu,
+                     REAL *gdelta, REAL *gA_part, REAL *gB_part, REAL *gC_part, REAL *gD_part, REAL *gh0) {
     const int nblk = (D + W - 1) / W, K = (T + L - 1) / L;
     const size_t nw = (size_t)N * W;
     REAL *At = alloc(nw), *g = alloc(nw), *hs = alloc(nw), *gA = alloc(nw);
@@ -257,4 +248,59 @@ int scan_bwd(int task_lo, int task_hi, int part, int Bsz, int T, int D, int N, i
     }
     free(At); free(g); free(hs); free(gA); free(hbuf); free(abuf); free(pB); free(pC);
     return 0;
+}
+
+/* The exported entry points run the tasks on `threads` OpenMP threads, each taking one contiguous
+ * range. Built with -fopenmp, this library links libgomp.so.1, the soname PyTorch's own libgomp
+ * has, so the loader hands it the runtime torch already loaded and both share one thread pool
+ * (with two pools, torch's idle threads spin on the cores these threads need). */
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static void my_range(int tasks, int *lo, int *hi, int *part) {
+#ifdef _OPENMP
+    const int n = omp_get_num_threads(), i = omp_get_thread_num();
+#else
+    const int n = 1, i = 0;
+#endif
+    *lo = (int)((long)tasks * i / n);
+    *hi = (int)((long)tasks * (i + 1) / n);
+    *part = i;
+}
+
+/* Returns 0, or -1 when a thread could not allocate its buffers. `starts` (B, K, D, N) may be
+ * NULL (no backward wanted). */
+int scan_fwd(int threads, int Bsz, int T, int D, int N, int L, const REAL *u, const REAL *delta,
+             const REAL *A, const REAL *Bm, const REAL *Cm, const REAL *Dv, const REAL *h0, REAL *y,
+             REAL *hT, REAL *starts) {
+    const int tasks = Bsz * ((D + W - 1) / W);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int lo, hi, part;
+        my_range(tasks, &lo, &hi, &part);
+        failed |= fwd_tasks(lo, hi, T, D, N, L, u, delta, A, Bm, Cm, Dv, h0, y, hT, starts) != 0;
+    }
+    return failed ? -1 : 0;
+}
+
+/* gh may be NULL (no gradient on the final state). Outputs: gu, gdelta (B, T, D) and gh0 (B, D, N);
+ * gA_part (B, D, N) and gD_part (B, D), summed over B by the caller. gB_part and gC_part
+ * (threads, B, T, N) start zeroed: each thread adds its channels' share into its own slice, and
+ * the caller sums the slices. */
+int scan_bwd(int threads, int Bsz, int T, int D, int N, int L, const REAL *u, const REAL *delta,
+             const REAL *A, const REAL *Bm, const REAL *Cm, const REAL *Dv, const REAL *starts,
+             const REAL *gy, const REAL *gh, REAL *gu, REAL *gdelta, REAL *gA_part, REAL *gB_part,
+             REAL *gC_part, REAL *gD_part, REAL *gh0) {
+    const int tasks = Bsz * ((D + W - 1) / W);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int lo, hi, part;
+        my_range(tasks, &lo, &hi, &part);
+        failed |= bwd_tasks(lo, hi, part, Bsz, T, D, N, L, u, delta, A, Bm, Cm, Dv, starts, gy, gh, gu,
+                            gdelta, gA_part, gB_part, gC_part, gD_part, gh0) != 0;
+    }
+    return failed ? -1 : 0;
 }
