@@ -91,27 +91,35 @@ def load(name: str, dtype: torch.dtype) -> ctypes.CDLL | None:
     out = cache_dir() / f"{name}-fp{REALS[dtype]}-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            proc = subprocess.run(
-                [cc, *cmd, str(CSRC / f"{name}.c"), "-o", tmp, *_libs()],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if proc.returncode != 0:
-                log.warning("building %s failed, using the PyTorch path:\n%s", name, proc.stderr[-2000:])
-                return None
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # Without OpenMP (e.g. a clang without libomp) the kernel still builds, single-threaded.
+        for flags in (cmd, [f for f in cmd if f != "-fopenmp"]):
+            err = _build(cc, [*flags, str(CSRC / f"{name}.c")], out)
+            if err is None:
+                break
+            log.warning("building %s with %s failed:\n%s", name, " ".join(flags), err[-2000:])
+        else:
+            log.warning("using the PyTorch path for %s", name)
+            return None
     try:
         return ctypes.CDLL(str(out))
     except OSError as e:
         log.warning("loading %s failed (%s): using the PyTorch path", out, e)
         return None
+
+
+def _build(cc: str, args: list[str], out: Path) -> str | None:
+    """Compile to a temporary file and rename it into place; the compiler's errors, or None."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *args, "-o", tmp, *_libs()], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            return proc.stderr or f"exit code {proc.returncode}"
+        os.replace(tmp, out)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check(code: int) -> None:

@@ -98,3 +98,27 @@ def test_shares_torchs_openmp_runtime():
         line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line
     }
     assert len(libs) <= 1, libs
+
+
+def test_builds_without_openmp_when_the_compiler_lacks_it(fresh, monkeypatch, tmp_path):
+    gcc = native._compiler()
+    if gcc is None:
+        pytest.skip("no C compiler here")
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" -fopenmp "*) exit 1;; esac\nexec {gcc} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    lib = native.load("selective_scan", torch.float64)
+    assert lib is not None
+    g = torch.Generator().manual_seed(0)
+    u, dt = torch.randn(2, 9, 20, generator=g, dtype=torch.float64), torch.rand(2, 9, 20, dtype=torch.float64)
+    A = -torch.rand(20, 3, dtype=torch.float64)
+    Bm, Cm, D = (
+        torch.randn(2, 9, 3, dtype=torch.float64),
+        torch.randn(2, 9, 3, dtype=torch.float64),
+        torch.ones(20),
+    )
+    y, h = scan.selective_scan_native(u, dt, A, Bm, Cm, D.double())
+    y_ref, h_ref = scan.selective_scan_ref(u, dt, A, Bm, Cm, D.double())
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(h, h_ref)
