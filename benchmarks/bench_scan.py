@@ -117,6 +117,7 @@ def main() -> None:
         ),
     ]
     cuda_fns = {"mamba1": scan.selective_scan_cuda, "mamba2": scan.ssd_scan_cuda}
+    native_fns = {"mamba1": scan.selective_scan_native, "mamba2": scan.ssd_scan_native}
     print(
         f"batch {b}, d_model {args.d_model} (d_inner {d_inner}), d_state {n}, length {t}, chunk {args.chunk}, "
         f"device {dev}, torch threads {torch.get_num_threads()}"
@@ -124,8 +125,8 @@ def main() -> None:
     print(f"{'scan':8} {'path':10} {'fwd+bwd ms':>11} {'mem MiB':>9} {'speed-up':>9}")
     for name, inputs, fast, ref in cases:
         rows = [("reference", ref, args.ref_repeats), ("torch", fast, args.repeats)]
-        if name == "mamba1" and not dev.startswith("cuda"):
-            rows.append(("native", scan.selective_scan_native, args.repeats))
+        if not dev.startswith("cuda"):
+            rows.append(("native", native_fns[name], args.repeats))
         if dev.startswith("cuda") and scan.pick_backend("auto", inputs[0]) == "cuda":
             rows.append(("cuda", cuda_fns[name], args.repeats))
         ref_s = None

@@ -12,9 +12,9 @@ input-dependent Delta (softplus(dt_proj(.))), B, C; A = -exp(A_log), D skip; y *
 Mamba-2 mixer: in_proj -> (z, xBC, dt); xBC -> conv -> SiLU -> SSD with one scalar decay per head
 (one group of B and C shared by all heads); RMSNorm(y * SiLU(z)) -> out_proj.
 
-Backends: "auto" runs mamba-ssm's kernels on CUDA when installed; on CPU, Mamba-1 runs the fused C
-scan of `harness/ops/csrc/selective_scan.c` (built at first use, see `harness.ops.native`) and
-falls back to the PyTorch scan where no C compiler is; Mamba-2 runs its PyTorch SSD. "torch",
+Backends: "auto" runs mamba-ssm's kernels on CUDA when installed; on CPU, the fused C scans of
+`harness/ops/csrc/selective_scan.c` (Mamba-1) and `ssd_scan.c` (Mamba-2), built at first use (see
+`harness.ops.native`), falling back to the PyTorch scans where no C compiler is. "torch",
 "native" and "cuda" force one.
 
 Deviations: the shared backbone ties the head to the embedding and scales residual output
@@ -26,6 +26,8 @@ them. Mamba-1's selective scan has no matmul form and is counted as "ew_scan" (9
 per token, mamba-ssm's own count). Mamba-2's chunked SSD is four batched matmuls whose cost
 depends on chunk_size: counted exactly as "ssd" for the chunk length and padding of the chunked
 path (the mamba-ssm Triton kernels run the same chunked algorithm), its elementwise rest as "ew_ssd".
+That is the count for the chunked algorithm (what mamba-ssm's kernels run); the CPU kernel
+(`ssd_scan_native`) runs the recurrence instead, 4 H P N FLOPs per token forward.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ LAYERS_PER_TRANSFORMER_LAYER = 2
 
 _SCANS = {
     1: {"torch": scan.selective_scan, "native": scan.selective_scan_native, "cuda": scan.selective_scan_cuda},
-    2: {"torch": scan.ssd_scan, "cuda": scan.ssd_scan_cuda},
+    2: {"torch": scan.ssd_scan, "native": scan.ssd_scan_native, "cuda": scan.ssd_scan_cuda},
 }
 
 
@@ -62,7 +64,7 @@ class MambaConfig(LMConfig):
     conv_bias: bool = True
     dt_min: float = 0.001  # initial Delta is log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1
-    # "torch" | "native" (Mamba-1's C kernel for the CPU) | "cuda" (mamba-ssm kernels) | "auto"
+    # "torch" | "native" (the C kernels for the CPU) | "cuda" (mamba-ssm kernels) | "auto"
     backend: str = "auto"
 
     @property
@@ -86,10 +88,6 @@ class MambaConfig(LMConfig):
                 )
         if self.backend not in ("torch", "native", "cuda", "auto"):
             raise ValueError(f"model.backend must be torch, native, cuda or auto, got {self.backend!r}")
-        if self.backend == "native" and self.version != 1:
-            raise ValueError(
-                "model.backend=native is Mamba-1's CPU kernel; Mamba-2 takes torch, cuda or auto"
-            )
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"need 0 < model.dt_min <= model.dt_max, got {self.dt_min}, {self.dt_max}")
         if self.d_state == 0:
@@ -236,7 +234,7 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self._split(self.in_proj(u_BTC))
         x, B, C = F.silu(_causal_conv(self.conv1d, xbc)).split([di, N, N], dim=-1)
         dt = F.softplus(dt + self.dt_bias)
-        fn = _SCANS[2][scan.pick_backend(self.cfg.backend, x)]
+        fn = _SCANS[2][scan.pick_backend(self.cfg.backend, x, native_kernel="ssd_scan")]
         y, _ = fn(
             x.view(Bsz, T, H, P),
             dt,

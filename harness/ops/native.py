@@ -7,7 +7,7 @@ once per (source, precision, compiler, CPU) into a cache directory (`$HARNESS_KE
 and rename, so parallel jobs never load a half-written library. No compiler, a failed build, or
 `HARNESS_NATIVE=0` makes `load` return None and callers fall back to their PyTorch paths (one
 warning says why). Kernels parallelise with OpenMP over `torch.get_num_threads()` threads, in the
-OpenMP runtime torch already loaded (see the end of csrc/selective_scan.c); ctypes releases the
+OpenMP runtime torch already loaded (see csrc/native.h); ctypes releases the
 GIL during the call.
 """
 
@@ -35,7 +35,7 @@ CFLAGS = [
     *os.environ.get("HARNESS_NATIVE_CFLAGS", "").split(),
     "-O3",
     "-march=native",
-    "-fopenmp",  # see the end of csrc/selective_scan.c: shares torch's OpenMP runtime
+    "-fopenmp",  # csrc/native.h: shares the OpenMP runtime torch loaded
     "-fno-math-errno",
     "-fno-trapping-math",
     "-fPIC",
@@ -80,7 +80,8 @@ def load(name: str, dtype: torch.dtype) -> ctypes.CDLL | None:
     if cc is None:
         log.warning("no C compiler found (set CC): using the PyTorch path for %s", name)
         return None
-    src = (CSRC / f"{name}.c").read_text()
+    # The key covers the shared headers too, so editing one rebuilds every kernel.
+    src = "\0".join(p.read_text() for p in [CSRC / f"{name}.c", *sorted(CSRC.glob("*.h"))])
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:

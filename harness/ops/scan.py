@@ -7,8 +7,8 @@ K chunks, L chunk length (T padded up to K * L), S a second time index inside a 
 Each fast path has a `_ref` twin with the same arguments and return values (output, final state;
 the state is None when `final_state=False`, which lets training skip computing it), written as
 the papers write the recurrence: an fp32 loop over time. Only tests and benchmarks call
-the `_ref`s; models pick a backend with `pick_backend`. Mamba-1 also has a C kernel for the CPU
-(`selective_scan_native`, source in `csrc/selective_scan.c`), built at first use.
+the `_ref`s; models pick a backend with `pick_backend`. Both also have a C kernel for the CPU
+(`selective_scan_native`, `ssd_scan_native`; sources in `csrc/`), built at first use.
 
 Mamba-1 (Gu & Dao 2023, Alg. 2), per channel d and state n, with Delta already through softplus:
     h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t u_t,     y_t = C_t . h_t + D u_t
@@ -41,7 +41,7 @@ def pick_backend(backend: str, x: torch.Tensor, native_kernel: str | None = None
         return "torch"
     if backend == "native":
         if native_kernel is None:
-            raise ValueError("backend='native' exists for Mamba-1's selective scan only")
+            raise ValueError("backend='native' needs the scan's C kernel name (native_kernel)")
         if x.device.type != "cpu":
             raise ValueError("backend='native' is a CPU kernel; use backend='auto' or 'cuda' on a GPU")
         if native.load(native_kernel, _compute_dtype(x.dtype)) is None:
@@ -595,6 +595,82 @@ def ssd_scan(
             final_state,
         )
     y_BTHP = y_BKLHP.view(Bsz, K * L, H, P)[:, :T]
+    return y_BTHP.to(x_BTHP.dtype), (h_BHPN if final_state else None)
+
+
+class _SSDNative(torch.autograd.Function):
+    """The fused C kernel of `csrc/ssd_scan.c`: the recurrence, one (b, h, channel block) per task,
+    with the state at the start of every `block` steps kept for the backward, which recomputes each
+    block's states (as `_SelectiveScanNative` does)."""
+
+    @staticmethod
+    def forward(ctx, lib, x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, D_H, h0_BHPN, block, want_grad):
+        Bsz, T, H, P = x_BTHP.shape
+        N = B_BTN.shape[-1]
+        K = -(-T // block)
+        y_BTHP = torch.empty_like(x_BTHP)
+        h_BHPN = torch.empty_like(h0_BHPN)
+        starts_BKHPN = x_BTHP.new_empty(Bsz, K, H, P, N) if want_grad else None
+        ins = [native.ptr(t) for t in (x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, D_H, h0_BHPN)]
+        outs = [native.ptr(t) for t in (y_BTHP, h_BHPN, starts_BKHPN)]
+        native.check(lib.ssd_fwd(torch.get_num_threads(), Bsz, T, H, P, N, block, *ins, *outs))
+        ctx.lib, ctx.block = lib, block
+        if want_grad:
+            ctx.save_for_backward(x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, D_H, starts_BKHPN)
+        return y_BTHP, h_BHPN
+
+    @staticmethod
+    def backward(ctx, gy_BTHP, gh_BHPN):
+        x, dt, A, Bm, Cm, D_H, starts = ctx.saved_tensors
+        Bsz, T, H, P = x.shape
+        N, threads = Bm.shape[-1], torch.get_num_threads()
+        J = -(-P // ctx.lib.ssd_lanes())  # channel blocks per head, one task each
+        gy_BTHP = torch.zeros_like(x) if gy_BTHP is None else gy_BTHP.contiguous()
+        gh_BHPN = None if gh_BHPN is None else gh_BHPN.contiguous()
+        gx, gh0_BHPN = torch.empty_like(x), torch.empty_like(starts[:, 0])
+        gdt_BHJT, gA_BHJ, gD_BHJ = x.new_empty(Bsz, H, J, T), x.new_empty(Bsz, H, J), x.new_empty(Bsz, H, J)
+        gB_PBTN, gC_PBTN = x.new_zeros(threads, Bsz, T, N), x.new_zeros(threads, Bsz, T, N)
+        args = [native.ptr(t) for t in (x, dt, A, Bm, Cm, D_H, starts, gy_BTHP, gh_BHPN)]
+        args += [native.ptr(t) for t in (gx, gdt_BHJT, gA_BHJ, gB_PBTN, gC_PBTN, gD_BHJ, gh0_BHPN)]
+        native.check(ctx.lib.ssd_bwd(threads, Bsz, T, H, P, N, ctx.block, *args))
+        return (
+            None,
+            gx,
+            gdt_BHJT.sum(2).transpose(1, 2),
+            gA_BHJ.sum((0, 2)),
+            gB_PBTN.sum(0),
+            gC_PBTN.sum(0),
+            gD_BHJ.sum((0, 2)),
+            gh0_BHPN,
+            None,
+            None,
+        )
+
+
+def ssd_scan_native(
+    x_BTHP: torch.Tensor,
+    dt_BTH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BTN: torch.Tensor,
+    C_BTN: torch.Tensor,
+    D_H: torch.Tensor,
+    h0_BHPN: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CPU fast path in C (`harness.ops.native`): the SSD recurrence step by step, with states kept
+    every `chunk_size` steps for the backward. The PyTorch `ssd_scan` where no compiler is."""
+    dt = _compute_dtype(x_BTHP.dtype)
+    lib = native.load("ssd_scan", dt) if x_BTHP.device.type == "cpu" else None
+    if lib is None:
+        return ssd_scan(x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, D_H, h0_BHPN, chunk_size, final_state)
+    Bsz, T, H, P = x_BTHP.shape
+    if h0_BHPN is None:
+        h0_BHPN = torch.zeros(Bsz, H, P, B_BTN.shape[-1], dtype=dt)
+    args = [t.to(dt).contiguous() for t in (x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, D_H, h0_BHPN)]
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    with torch.autocast("cpu", enabled=False):
+        y_BTHP, h_BHPN = _SSDNative.apply(lib, *args, max(1, chunk_size), want_grad)
     return y_BTHP.to(x_BTHP.dtype), (h_BHPN if final_state else None)
 
 

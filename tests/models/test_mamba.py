@@ -139,7 +139,6 @@ def test_widths_derive_from_d_model():
         (MambaConfig, dict(d_state=-1), "d_state"),
         (MambaConfig, dict(chunk_size=0), "chunk_size"),
         (MambaConfig, dict(backend="triton"), "backend"),
-        (Mamba2Config, dict(backend="native"), "Mamba-1's CPU kernel"),
         (MambaConfig, dict(dt_min=0.2, dt_max=0.1), "dt_min"),
         (Mamba2Config, dict(d_model=64, n_heads=3), "n_heads \\* head_dim"),
     ],
@@ -150,7 +149,6 @@ def test_widths_derive_from_d_model():
         "d_state",
         "chunk",
         "backend",
-        "native-v2",
         "dt-range",
         "heads",
     ],
@@ -176,17 +174,28 @@ def test_dt_bias_survives_backbone_init():
     assert 0.0009 < dt.min() and dt.max() < 0.11
 
 
-@pytest.mark.skipif(
-    native.load("selective_scan", torch.float64) is None, reason="the native CPU kernel did not build here"
+@pytest.mark.parametrize(
+    "cls,kernel,fields",
+    [
+        (MambaConfig, "selective_scan", dict(d_model=40, n_layers=2, d_state=5, seq_len=20, chunk_size=8)),
+        # head_dim 24: one full and one partial channel block per head in the C kernel.
+        (
+            Mamba2Config,
+            "ssd_scan",
+            dict(d_model=48, n_layers=2, head_dim=24, d_state=6, seq_len=20, chunk_size=8),
+        ),
+    ],
+    ids=["mamba1", "mamba2"],
 )
-def test_native_backend_equals_torch_backend():
-    """A Mamba-1 model gives the same logits and parameter gradients on either CPU backend."""
-    fields = dict(d_model=40, n_layers=2, d_state=5, seq_len=20, chunk_size=8)
+def test_native_backend_equals_torch_backend(cls, kernel, fields):
+    """A model gives the same logits and parameter gradients on either CPU backend."""
+    if native.load(kernel, torch.float64) is None:
+        pytest.skip("the native CPU kernel did not build here")
     idx = torch.randint(0, 256, (2, 19))
     grads = []
     for backend in ("torch", "native"):
         torch.manual_seed(0)
-        model = build_model(MambaConfig(backend=backend, **fields)).double()
+        model = build_model(cls(backend=backend, **fields)).double()
         out = model(idx).logits
         out.square().mean().backward()
         grads.append((out.detach(), [p.grad for p in model.parameters()]))

@@ -88,6 +88,36 @@ def test_any_thread_count_gives_the_reference(threads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.skipif(native.load("ssd_scan", torch.float64) is None, reason="no native kernel here")
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_ssd_any_thread_count_gives_the_reference(threads):
+    """(sequence, head, channel block) tasks are shared out over OpenMP threads and dB, dC summed
+    over per-thread parts: every split (including more threads than tasks) gives the reference."""
+    g = torch.Generator().manual_seed(4)
+    B, T, H, P, N = 2, 21, 2, 20, 17  # 2 channel blocks per head, the last one partial: 8 tasks
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    inputs = [
+        r(B, T, H, P),
+        torch.rand(B, T, H, generator=g, dtype=torch.float64),
+        -torch.rand(H, generator=g, dtype=torch.float64) - 0.1,
+    ]
+    inputs += [r(B, T, N), r(B, T, N), r(H), r(B, H, P, N)]
+    gy, gh = r(B, T, H, P), r(B, H, P, N)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for fn, n in ((scan.ssd_scan_ref, before), (scan.ssd_scan_native, threads)):
+            torch.set_num_threads(n)
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            y, h = fn(*leaves, chunk_size=8)
+            ((y * gy).sum() + (h * gh).sum()).backward()
+            results.append([y, h, *(t.grad for t in leaves)])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
 @pytest.mark.skipif(native.load("selective_scan", torch.float32) is None, reason="no native kernel here")
 def test_shares_torchs_openmp_runtime():

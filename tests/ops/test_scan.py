@@ -13,6 +13,10 @@ native_available = pytest.mark.skipif(
     native.load("selective_scan", torch.float64) is None,
     reason="the native CPU kernel did not build here (no C compiler, or HARNESS_NATIVE=0)",
 )
+ssd_native_available = pytest.mark.skipif(
+    native.load("ssd_scan", torch.float64) is None,
+    reason="the native CPU kernel did not build here (no C compiler, or HARNESS_NATIVE=0)",
+)
 
 # (batch, T, chunk): on the grid, off it, shorter than one chunk, a single step.
 SHAPES = [(2, 32, 8), (2, 37, 8), (1, 5, 8), (2, 1, 4), (1, 24, 1)]
@@ -76,8 +80,15 @@ def _outputs_and_grads(fn, inputs, chunk: int, with_h0: bool):
             id="mamba1-native",
         ),
         (scan.ssd_scan, scan.ssd_scan_ref, _ssd_inputs),
+        pytest.param(
+            scan.ssd_scan_native,
+            scan.ssd_scan_ref,
+            _ssd_inputs,
+            marks=ssd_native_available,
+            id="mamba2-native",
+        ),
     ],
-    ids=["mamba1", None, "mamba2"],
+    ids=["mamba1", None, "mamba2", None],
 )
 def test_fast_equals_reference(fast, ref, make, B, T, chunk, with_h0):
     inputs = make(B, T)
@@ -97,8 +108,9 @@ def test_fast_equals_reference(fast, ref, make, B, T, chunk, with_h0):
             scan.selective_scan_native, _selective_inputs, marks=native_available, id="mamba1-native"
         ),
         (scan.ssd_scan, _ssd_inputs),
+        pytest.param(scan.ssd_scan_native, _ssd_inputs, marks=ssd_native_available, id="mamba2-native"),
     ],
-    ids=["mamba1", None, "mamba2"],
+    ids=["mamba1", None, "mamba2", None],
 )
 def test_split_sequence_resumes_from_state(fast, make):
     """Scanning [0, 20) then [20, 45) from the carried state equals scanning [0, 45) at once."""
@@ -118,8 +130,9 @@ def test_split_sequence_resumes_from_state(fast, make):
             scan.selective_scan_native, _selective_inputs, marks=native_available, id="mamba1-native"
         ),
         (scan.ssd_scan, _ssd_inputs),
+        pytest.param(scan.ssd_scan_native, _ssd_inputs, marks=ssd_native_available, id="mamba2-native"),
     ],
-    ids=["mamba1", None, "mamba2"],
+    ids=["mamba1", None, "mamba2", None],
 )
 def test_fp32_long_decay_stays_finite(fast, make):
     """Large Delta drives cumulative log-decays far below exp's fp32 range within one chunk; the fast
@@ -127,7 +140,7 @@ def test_fp32_long_decay_stays_finite(fast, make):
     x, dt, A, Bm, Cm, D, _ = (t.float() for t in make(1, 64))
     dt = dt * 50
     y, h = fast(x, dt, A, Bm, Cm, D, chunk_size=64)
-    y_ref, h_ref = (scan.ssd_scan_ref if fast is scan.ssd_scan else scan.selective_scan_ref)(
+    y_ref, h_ref = (scan.ssd_scan_ref if make is _ssd_inputs else scan.selective_scan_ref)(
         x, dt, A, Bm, Cm, D
     )
     assert torch.isfinite(y).all() and torch.isfinite(h).all()
@@ -148,7 +161,7 @@ def test_pick_backend_on_cpu(monkeypatch):
         scan.pick_backend("cuda", x)
     with pytest.raises(ValueError, match="unknown scan backend"):
         scan.pick_backend("triton", x)
-    with pytest.raises(ValueError, match="Mamba-1"):
+    with pytest.raises(ValueError, match="kernel name"):
         scan.pick_backend("native", x)
     # Without a kernel "auto" falls back to PyTorch, and an explicit "native" says why it cannot run.
     monkeypatch.setenv("HARNESS_NATIVE", "0")
@@ -162,8 +175,10 @@ def test_pick_backend_on_cpu(monkeypatch):
 
 
 @native_available
+@ssd_native_available
 def test_auto_takes_the_native_kernel_on_cpu():
     assert scan.pick_backend("auto", torch.zeros(1), native_kernel="selective_scan") == "native"
+    assert scan.pick_backend("auto", torch.zeros(1), native_kernel="ssd_scan") == "native"
 
 
 @native_available
@@ -174,16 +189,46 @@ def test_native_fp32_matches_fp64_reference(D, N):
     """The fp32 build has its own exp and, where AVX-512 is, a vectorised tile sum for dB and dC
     (whole 16-state tiles; the rest take the plain loop): both checked against the fp64 loop."""
     inputs = _selective_inputs(2, 70, D=D, N=N)
-    gy, gh = torch.randn(2, 70, D, dtype=torch.float64), torch.randn(2, D, N, dtype=torch.float64)
+    g = torch.Generator().manual_seed(D * 100 + N)
+    gy = torch.randn(2, 70, D, generator=g, dtype=torch.float64)
+    gh = torch.randn(2, D, N, generator=g, dtype=torch.float64)
     results = []
     for fn, dtype in ((scan.selective_scan_ref, torch.float64), (scan.selective_scan_native, torch.float32)):
         leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
         y, h = fn(*leaves, chunk_size=32)
         ((y * gy.to(dtype)).sum() + (h * gh.to(dtype)).sum()).backward()
         results.append([y, h, *(t.grad for t in leaves)])
-    for i, (a, b) in enumerate(zip(results[1], results[0], strict=True)):
+    names = ["y", "h", "du", "ddelta", "dA", "dB", "dC", "dD", "dh0"]
+    for name, a, b in zip(names, results[1], results[0], strict=True):
         err = float((a.double() - b).abs().max() / b.abs().max())
-        assert err < 2e-6, f"output {i}: relative error {err:.1e}"
+        # dA and dD are sums over all (b, t) of terms that largely cancel: fp32 rounding shows more
+        # there (worst seen over 30 random draws: 1.2e-6; fp32 rounding itself is 6e-8).
+        assert err < (1e-5 if name in ("dA", "dD") else 2e-6), f"{name}: relative error {err:.1e}"
+
+
+@ssd_native_available
+@pytest.mark.parametrize("P", [64, 24], ids=["P64", "P24"])
+@pytest.mark.parametrize("N", [16, 20, 64], ids=["N16", "N20", "N64"])
+def test_native_ssd_fp32_matches_fp64_reference(N, P):
+    """The fp32 build against the fp64 loop: its own exp, the AVX-512 tile sums for dB and dC
+    (whole 16-state tiles; N 20 leaves a tail), and channel blocks of 16 (P 24 leaves a partial one).
+    dA and dD (one number per head) sum thousands of terms that largely cancel, so fp32 rounding
+    is larger relative to them: over 40 draws the native kernel's worst was 5.6e-6 there, the
+    chunked PyTorch path's 1.5e-5."""
+    inputs = _ssd_inputs(2, 70, H=2, P=P, N=N)
+    g = torch.Generator().manual_seed(N + P)
+    gy = torch.randn(2, 70, 2, P, generator=g, dtype=torch.float64)
+    gh = torch.randn(2, 2, P, N, generator=g, dtype=torch.float64)
+    results = []
+    for fn, dtype in ((scan.ssd_scan_ref, torch.float64), (scan.ssd_scan_native, torch.float32)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        y, h = fn(*leaves, chunk_size=32)
+        ((y * gy.to(dtype)).sum() + (h * gh.to(dtype)).sum()).backward()
+        results.append([y, h, *(t.grad for t in leaves)])
+    names = ["y", "h", "dx", "dt", "dA", "dB", "dC", "dD", "dh0"]
+    for name, a, b in zip(names, results[1], results[0], strict=True):
+        err = float((a.detach().double() - b).abs().max() / b.abs().max())
+        assert err < (5e-5 if name in ("dA", "dD") else 2e-6), f"{name}: relative error {err:.1e}"
 
 
 def test_auto_falls_back_with_cuda_hidden(monkeypatch):
@@ -225,8 +270,15 @@ def test_cuda_kernels_match_torch(T):
             id="mamba1-native",
         ),
         (scan.ssd_scan, scan.ssd_scan_ref, _ssd_inputs),
+        pytest.param(
+            scan.ssd_scan_native,
+            scan.ssd_scan_ref,
+            _ssd_inputs,
+            marks=ssd_native_available,
+            id="mamba2-native",
+        ),
     ],
-    ids=["mamba1", None, "mamba2"],
+    ids=["mamba1", None, "mamba2", None],
 )
 @pytest.mark.parametrize("T", [8, 19], ids=["T8-one-chunk", "T19-three-chunks"])
 def test_without_final_state(fast, ref, make, T):
