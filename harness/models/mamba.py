@@ -144,6 +144,7 @@ class MambaMixer(nn.Module):
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         self.cfg = cfg
+        self.reference = False  # tests flip this to run the PyTorch scan (matmuls FlopCounterMode sees)
         di, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.in_proj = nn.Linear(cfg.d_model, 2 * di, bias=cfg.bias)
         self.conv1d = nn.Conv1d(di, di, cfg.d_conv, groups=di, bias=cfg.conv_bias)
@@ -170,7 +171,8 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(u_BTC).chunk(2, dim=-1)
         x = F.silu(_causal_conv(self.conv1d, x))
         delta, A, B, C = self._ssm_inputs(x)
-        fn = _SCANS[1][scan.pick_backend(self.cfg.backend, x, native_kernel="selective_scan")]
+        backend = "torch" if self.reference else self.cfg.backend
+        fn = _SCANS[1][scan.pick_backend(backend, x, native_kernel="selective_scan")]
         y, _ = fn(x, delta, A, B, C, self.D.float(), chunk_size=self.cfg.chunk_size, final_state=False)
         return self.out_proj(y * F.silu(z))
 
@@ -208,6 +210,7 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         self.cfg = cfg
+        self.reference = False  # tests flip this to run the PyTorch scan (matmuls FlopCounterMode sees)
         di, N, H = cfg.d_inner, cfg.d_state, cfg.n_heads
         self.conv_dim = di + 2 * N
         self.in_proj = nn.Linear(cfg.d_model, 2 * di + 2 * N + H, bias=cfg.bias)
@@ -234,7 +237,9 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self._split(self.in_proj(u_BTC))
         x, B, C = F.silu(_causal_conv(self.conv1d, xbc)).split([di, N, N], dim=-1)
         dt = F.softplus(dt + self.dt_bias)
-        fn = _SCANS[2][scan.pick_backend(self.cfg.backend, x, native_kernel="ssd_scan")]
+        # The chunked PyTorch SSD is what the FLOP count describes; tests flip `reference` to see it.
+        backend = "torch" if self.reference else self.cfg.backend
+        fn = _SCANS[2][scan.pick_backend(backend, x, native_kernel="ssd_scan")]
         y, _ = fn(
             x.view(Bsz, T, H, P),
             dt,
