@@ -142,6 +142,7 @@ def register_configs() -> None:
 EXECUTION_ONLY: dict[str, tuple[str, ...]] = {
     "train": ("device", "threads", "progress", "log_every", "ckpt_every", "stop_after_steps"),
     "data": ("cache_dir",),
+    "model": ("backend",),  # which kernels compute the same function (torch, native C, CUDA)
 }
 _NOT_IDENTITY = ("sweep", "results_dir", "run_name") + tuple(
     f"{group}.{f}" for group, fields in EXECUTION_ONLY.items() for f in fields

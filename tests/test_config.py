@@ -35,7 +35,9 @@ def test_make_config_rejects_unknown_fields():
 
 
 def test_run_names_ignore_where_a_run_executes():
-    a = run_name_from_overrides(["model=gpt2", "train.tokens=100", "train.device=cuda", "sweep=x"])
+    a = run_name_from_overrides(
+        ["model=gpt2", "train.tokens=100", "train.device=cuda", "sweep=x", "++model.backend=native"]
+    )
     b = run_name_from_overrides(["train.tokens=100", "model=gpt2"])
     assert a == b == "model=gpt2,train.tokens=100"
     long = run_name_from_overrides([f"model.d_model={i}" for i in range(40)])

@@ -109,6 +109,13 @@ def test_run_dir_with_a_different_config_is_refused(results_dir):
     )
 
 
+def test_kernel_backend_may_change_between_attempts(results_dir):
+    """A run started on one backend resumes on another (say, a CUDA job requeued on a CPU node)."""
+    base = ("model=mamba_tiny", "train.tokens=2560", "run_name=m")
+    train(run_cfg(results_dir, *base, "++model.backend=torch", "train.stop_after_steps=2"))
+    assert train(run_cfg(results_dir, *base, "++model.backend=auto"))["status"] == "completed"
+
+
 def test_tokenizer_vocab_mismatch_fails_before_writing_anything(tmp_path):
     from harness.data import train_bpe_tokenizer
 
