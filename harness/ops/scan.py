@@ -239,6 +239,7 @@ class _SelectiveScanNative(torch.autograd.Function):
         return y_BTD, h_BDN
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients come from C, with no graph
     def backward(ctx, gy_BTD, gh_BDN):
         u, delta, A, Bm, Cm, D_D, starts = ctx.saved_tensors
         Bsz, T, D = u.shape
@@ -265,6 +266,21 @@ class _SelectiveScanNative(torch.autograd.Function):
         )
 
 
+def _full_size(tensors, shapes, dtype: torch.dtype, name: str) -> list[torch.Tensor]:
+    """Each argument widened, broadcast to its full shape (as the PyTorch twins accept) and made
+    contiguous: the C kernels index raw memory, so a wrong shape must fail here, not read past a
+    buffer."""
+    out = []
+    for i, (t, shape) in enumerate(zip(tensors, shapes, strict=True)):
+        if t.device.type != "cpu":
+            raise ValueError(f"{name}: argument {i} is on {t.device}; the C kernels run on CPU tensors")
+        try:
+            out.append(t.to(dtype).expand(shape).contiguous())
+        except RuntimeError as e:
+            raise ValueError(f"{name}: argument {i} has shape {tuple(t.shape)}, expected {shape}") from e
+    return out
+
+
 def selective_scan_native(
     u_BTD: torch.Tensor,
     delta_BTD: torch.Tensor,
@@ -282,9 +298,11 @@ def selective_scan_native(
     if lib is None:
         return selective_scan(u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN, chunk_size, final_state)
     Bsz, T, D = u_BTD.shape
+    N = A_DN.shape[-1]
     if h0_BDN is None:
-        h0_BDN = torch.zeros(Bsz, D, A_DN.shape[1], dtype=dt)
-    args = [t.to(dt).contiguous() for t in (u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN)]
+        h0_BDN = torch.zeros(Bsz, D, N, dtype=dt)
+    shapes = [(Bsz, T, D), (Bsz, T, D), (D, N), (Bsz, T, N), (Bsz, T, N), (D,), (Bsz, D, N)]
+    args = _full_size((u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN), shapes, dt, "selective_scan_native")
     want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
     with torch.autocast("cpu", enabled=False):
         y_BTD, h_BDN = _SelectiveScanNative.apply(lib, *args, max(1, chunk_size), want_grad)
@@ -620,6 +638,7 @@ class _SSDNative(torch.autograd.Function):
         return y_BTHP, h_BHPN
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients come from C, with no graph
     def backward(ctx, gy_BTHP, gh_BHPN):
         x, dt, A, Bm, Cm, D_H, starts = ctx.saved_tensors
         Bsz, T, H, P = x.shape
@@ -665,9 +684,11 @@ def ssd_scan_native(
     if lib is None:
         return ssd_scan(x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, D_H, h0_BHPN, chunk_size, final_state)
     Bsz, T, H, P = x_BTHP.shape
+    N = B_BTN.shape[-1]
     if h0_BHPN is None:
-        h0_BHPN = torch.zeros(Bsz, H, P, B_BTN.shape[-1], dtype=dt)
-    args = [t.to(dt).contiguous() for t in (x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, D_H, h0_BHPN)]
+        h0_BHPN = torch.zeros(Bsz, H, P, N, dtype=dt)
+    shapes = [(Bsz, T, H, P), (Bsz, T, H), (H,), (Bsz, T, N), (Bsz, T, N), (H,), (Bsz, H, P, N)]
+    args = _full_size((x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, D_H, h0_BHPN), shapes, dt, "ssd_scan_native")
     want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
     with torch.autocast("cpu", enabled=False):
         y_BTHP, h_BHPN = _SSDNative.apply(lib, *args, max(1, chunk_size), want_grad)

@@ -288,3 +288,49 @@ def test_without_final_state(fast, ref, make, T):
     y_ref, _ = ref(*inputs)
     assert h is None
     torch.testing.assert_close(y, y_ref)
+
+
+@pytest.mark.parametrize(
+    "fast,make",
+    [
+        pytest.param(
+            scan.selective_scan_native, _selective_inputs, marks=native_available, id="mamba1-native"
+        ),
+        pytest.param(scan.ssd_scan_native, _ssd_inputs, marks=ssd_native_available, id="mamba2-native"),
+    ],
+)
+def test_native_refuses_double_backward(fast, make):
+    """The C backward builds no graph: a second derivative must fail loudly, not come out as zero."""
+    leaves = [t.clone().requires_grad_() for t in make(2, 12)]
+    y, _ = fast(*leaves, chunk_size=8)
+    (gu,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        # plus a term with its own graph: without the guard, the scan's part would silently vanish
+        (gu.square().sum() + leaves[0].pow(3).sum()).backward()
+
+
+@pytest.mark.parametrize(
+    "fast,ref,make",
+    [
+        pytest.param(
+            scan.selective_scan_native,
+            scan.selective_scan_ref,
+            _selective_inputs,
+            marks=native_available,
+            id="mamba1-native",
+        ),
+        pytest.param(
+            scan.ssd_scan_native,
+            scan.ssd_scan_ref,
+            _ssd_inputs,
+            marks=ssd_native_available,
+            id="mamba2-native",
+        ),
+    ],
+)
+def test_native_broadcasts_like_the_reference_and_rejects_bad_shapes(fast, ref, make):
+    x, dt, A, Bm, Cm, D, h0 = make(2, 12)
+    Bm1 = Bm[:1]  # one B for the whole batch: the reference broadcasts it
+    torch.testing.assert_close(fast(x, dt, A, Bm1, Cm, D, h0)[0], ref(x, dt, A, Bm1, Cm, D, h0)[0])
+    with pytest.raises(ValueError, match=r"argument \d has shape"):
+        fast(x, dt, A, torch.cat([Bm, Bm], -1), Cm, D, h0)  # more states than A or C: would read past C
