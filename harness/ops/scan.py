@@ -302,7 +302,9 @@ def selective_scan_native(
     if h0_BDN is None:
         h0_BDN = torch.zeros(Bsz, D, N, dtype=dt)
     shapes = [(Bsz, T, D), (Bsz, T, D), (D, N), (Bsz, T, N), (Bsz, T, N), (D,), (Bsz, D, N)]
-    args = _full_size((u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN), shapes, dt, "selective_scan_native")
+    args = _full_size(
+        (u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN), shapes, dt, "selective_scan_native"
+    )
     want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
     with torch.autocast("cpu", enabled=False):
         y_BTD, h_BDN = _SelectiveScanNative.apply(lib, *args, max(1, chunk_size), want_grad)
