@@ -9,7 +9,9 @@ All paths get the same top-2 routing of random router logits (dropless). Paramet
 fp32; `--dtype bfloat16` runs every path under torch.autocast, so all of them do bf16 matmuls and
 the ratios compare like with like. The paths take turns within each repetition and the median step
 is reported, so load from other processes on a shared machine falls on all paths alike. Reports
-tokens/s and the fast/loop ratios; the router itself is shared and not timed.
+tokens/s and the fast/loop ratios; the router itself is shared and not timed. The "floor" column
+times only the expert matmuls of the same routing (no dispatch, no activations, no autograd):
+floor/loop is the most any dispatch built on these matmuls could gain over the loop here.
 """
 
 from __future__ import annotations
@@ -53,12 +55,44 @@ def bench(tokens: int, d_model: int, d_ff: int, n_experts: int, top_k: int, reps
         x.grad = w_up.grad = w_down.grad = logits.grad = None
         return time.perf_counter() - t0
 
+    # The floor: only the matmuls of this routing (per expert, forward 2 and backward 4, into
+    # preallocated buffers, no autograd), with no routing, sorting, gathering, scattering or
+    # activation. No dispatch that runs these matmuls can be faster: floor/loop bounds the speed-up.
+    counts = torch.bincount(r["exp_A"], minlength=n_experts).tolist()
+    A, F2 = sum(counts), 2 * d_ff
+    xs = torch.randn(A, d_model, generator=g).to(device, dtype)  # all in the matmul dtype, cast once
+    wu, wd = w_up.detach().to(dtype), w_down.detach().to(dtype)
+    h, act, o = xs.new_empty(A, F2), xs.new_empty(A, d_ff), xs.new_empty(A, d_model)
+    gw_up, gw_down = torch.empty_like(wu), torch.empty_like(wd)
+    gx = xs.new_empty(A, d_model)
+
+    def floor() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            s0 = 0
+            for e, n in enumerate(counts):
+                s1 = s0 + n
+                if n:
+                    x_e, h_e, a_e, o_e = xs[s0:s1], h[s0:s1], act[s0:s1], o[s0:s1]
+                    torch.mm(x_e, wu[e], out=h_e)  # forward
+                    torch.mm(a_e, wd[e], out=o_e)
+                    torch.mm(o_e, wd[e].t(), out=a_e)  # backward: d act, d w_down, d h, d x
+                    torch.mm(a_e.t(), o_e, out=gw_down[e])
+                    torch.mm(x_e.t(), h_e, out=gw_up[e])
+                    torch.mm(h_e, wu[e].t(), out=gx[s0:s1])
+                s0 = s1
+        _sync(device)
+        return time.perf_counter() - t0
+
     for fn in PATHS.values():
         step(fn)  # warm-up
-    times = {name: [] for name in PATHS}
+    floor()
+    times = {name: [] for name in [*PATHS, "floor"]}
     for _ in range(reps):
         for name, fn in PATHS.items():
             times[name].append(step(fn))
+        times["floor"].append(floor())
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -80,12 +114,14 @@ def main() -> None:
         f"device={device} threads={torch.get_num_threads()} dtype={args.dtype} tokens={args.tokens} "
         f"d_model={args.d_model} d_ff={args.d_ff} top_k={args.top_k} reps={args.reps} (median step)"
     )
-    head = " ".join(f"{name + ' tok/s':>14}" for name in PATHS)
-    print(f"{'experts':>8} {head} {'grouped/loop':>13} {'padded/loop':>12}")
+    names = [*PATHS, "floor"]
+    head = " ".join(f"{name + ' tok/s':>14}" for name in names)
+    print(f"{'experts':>8} {head} {'grouped/loop':>13} {'padded/loop':>12} {'floor/loop':>11}")
     for E in args.experts:
         t = bench(args.tokens, args.d_model, args.d_ff, E, args.top_k, args.reps, device, dtype)
-        rates = " ".join(f"{args.tokens / t[name]:>14.0f}" for name in PATHS)
-        print(f"{E:>8} {rates} {t['loop'] / t['grouped']:>13.2f} {t['loop'] / t['padded']:>12.2f}")
+        rates = " ".join(f"{args.tokens / t[name]:>14.0f}" for name in names)
+        ratios = [t["loop"] / t[name] for name in ("grouped", "padded", "floor")]
+        print(f"{E:>8} {rates} {ratios[0]:>13.2f} {ratios[1]:>12.2f} {ratios[2]:>11.2f}")
 
 
 if __name__ == "__main__":
