@@ -281,6 +281,14 @@ def _full_size(tensors, shapes, dtype: torch.dtype, name: str) -> list[torch.Ten
     return out
 
 
+def _apply_native(fn: type[torch.autograd.Function], lib, args: list[torch.Tensor], chunk_size: int):
+    """Run a native scan Function on widened, full-size arguments. Autocast off, as in ssd_scan; the
+    block-start states are kept only when a backward can follow."""
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    with torch.autocast("cpu", enabled=False):
+        return fn.apply(lib, *args, max(1, chunk_size), want_grad)
+
+
 def selective_scan_native(
     u_BTD: torch.Tensor,
     delta_BTD: torch.Tensor,
@@ -305,9 +313,7 @@ def selective_scan_native(
     args = _full_size(
         (u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN), shapes, dt, "selective_scan_native"
     )
-    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
-    with torch.autocast("cpu", enabled=False):
-        y_BTD, h_BDN = _SelectiveScanNative.apply(lib, *args, max(1, chunk_size), want_grad)
+    y_BTD, h_BDN = _apply_native(_SelectiveScanNative, lib, args, chunk_size)
     return y_BTD.to(u_BTD.dtype), (h_BDN if final_state else None)
 
 
@@ -691,9 +697,7 @@ def ssd_scan_native(
         h0_BHPN = torch.zeros(Bsz, H, P, N, dtype=dt)
     shapes = [(Bsz, T, H, P), (Bsz, T, H), (H,), (Bsz, T, N), (Bsz, T, N), (H,), (Bsz, H, P, N)]
     args = _full_size((x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, D_H, h0_BHPN), shapes, dt, "ssd_scan_native")
-    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
-    with torch.autocast("cpu", enabled=False):
-        y_BTHP, h_BHPN = _SSDNative.apply(lib, *args, max(1, chunk_size), want_grad)
+    y_BTHP, h_BHPN = _apply_native(_SSDNative, lib, args, chunk_size)
     return y_BTHP.to(x_BTHP.dtype), (h_BHPN if final_state else None)
 
 

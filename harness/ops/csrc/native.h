@@ -52,6 +52,22 @@ __attribute__((simd("notinbranch"))) float expf(float);
 __attribute__((simd("notinbranch"))) double exp(double);
 #endif
 
+/* out[m] += sum_j tile[m][j] for the rows m < rows <= 16 of a [16][W] tile of per-lane values:
+ * tile_sums_add for a full tile where AVX-512 is, else a plain loop. */
+static inline void lane_sums_add(const REAL *tile, int rows, REAL *out) {
+#if TILE_SUMS
+    if (rows == 16) {
+        tile_sums_add(tile, out);
+        return;
+    }
+#endif
+    for (int m = 0; m < rows; m++) {
+        REAL s = 0;
+        for (int j = 0; j < W; j++) s += tile[m * W + j];
+        out[m] += s;
+    }
+}
+
 /* exp in fp32 for the decay exponents delta A <= 0: 2^k * e^r with |r| <= ln2 / 2 and a degree-6
  * Taylor polynomial (relative error below 2e-7, about 2 ulp). Written so gcc vectorises it inline:
  * the forward took 5.3 ms with it against 6.2 ms with libmvec's expf, which handles the full range

@@ -133,19 +133,8 @@ static int bwd_tasks(int task_lo, int task_hi, int part, int Bsz, int T, int D, 
                         }
                     }
                     /* dB_t and dC_t: sums over this task's channels (the lanes). */
-                    if (TILE_SUMS && nn == 16) {
-#if TILE_SUMS
-                        tile_sums_add(pB, gBp + (long)t * N + n0);
-                        tile_sums_add(pC, gCp + (long)t * N + n0);
-#endif
-                    } else {
-                        for (int m = 0; m < nn; m++) {
-                            REAL sb = 0, sc = 0;
-                            for (int j = 0; j < W; j++) { sb += pB[m * W + j]; sc += pC[m * W + j]; }
-                            gBp[(long)t * N + n0 + m] += sb;
-                            gCp[(long)t * N + n0 + m] += sc;
-                        }
-                    }
+                    lane_sums_add(pB, nn, gBp + (long)t * N + n0);
+                    lane_sums_add(pC, nn, gCp + (long)t * N + n0);
                 }
                 for (int j = 0; j < w; j++) {
                     gu[o + j] = gdu[j] * dt[j] + dv[j] * gyv[j];

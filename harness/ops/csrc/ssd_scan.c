@@ -150,19 +150,8 @@ static int bwd_tasks(int task_lo, int task_hi, int part, int Bsz, int T, int H, 
                         }
                     }
                     /* dB_t and dC_t: sums over this task's channels (the lanes). */
-                    if (TILE_SUMS && nn == 16) {
-#if TILE_SUMS
-                        tile_sums_add(pB, gBp + (long)t * N + n0);
-                        tile_sums_add(pC, gCp + (long)t * N + n0);
-#endif
-                    } else {
-                        for (int m = 0; m < nn; m++) {
-                            REAL sb = 0, sc = 0;
-                            for (int j = 0; j < W; j++) { sb += pB[m * W + j]; sc += pC[m * W + j]; }
-                            gBp[(long)t * N + n0 + m] += sb;
-                            gCp[(long)t * N + n0 + m] += sc;
-                        }
-                    }
+                    lane_sums_add(pB, nn, gBp + (long)t * N + n0);
+                    lane_sums_add(pC, nn, gCp + (long)t * N + n0);
                 }
                 /* d(dt) = sum_p x (sum_n g B) + A a sum_{p,n} g h_{t-1}: its lane terms go to row tt
                  * of pdt, summed over lanes below; dA += dt a sum g h_{t-1}. */
@@ -177,17 +166,7 @@ static int bwd_tasks(int task_lo, int task_hi, int part, int Bsz, int T, int H, 
             }
             for (int t0 = 0; t0 < len; t0 += 16) {
                 const int nt = len - t0 < 16 ? len - t0 : 16;
-                if (TILE_SUMS && nt == 16) {
-#if TILE_SUMS
-                    tile_sums_add(pdt + (size_t)t0 * W, gdtp + s + t0);
-#endif
-                } else {
-                    for (int m = t0; m < t0 + nt; m++) {
-                        REAL sd = 0;
-                        for (int j = 0; j < W; j++) sd += pdt[(size_t)m * W + j];
-                        gdtp[s + m] += sd;
-                    }
-                }
+                lane_sums_add(pdt + (size_t)t0 * W, nt, gdtp + s + t0);
             }
         }
         store_rows_t(gh0 + state, g, p0, w, N);
