@@ -53,6 +53,25 @@ def _ssd_inputs(
     ]
 
 
+# Every fast path with its sequential reference and an input maker; the C kernels skip where they
+# did not build.
+SCANS = [
+    pytest.param(scan.selective_scan, scan.selective_scan_ref, _selective_inputs, id="mamba1"),
+    pytest.param(
+        scan.selective_scan_native,
+        scan.selective_scan_ref,
+        _selective_inputs,
+        marks=native_available,
+        id="mamba1-native",
+    ),
+    pytest.param(scan.ssd_scan, scan.ssd_scan_ref, _ssd_inputs, id="mamba2"),
+    pytest.param(
+        scan.ssd_scan_native, scan.ssd_scan_ref, _ssd_inputs, marks=ssd_native_available, id="mamba2-native"
+    ),
+]
+NATIVE_SCANS = [p for p in SCANS if p.id.endswith("-native")]
+
+
 def _outputs_and_grads(fn, inputs, chunk: int, with_h0: bool):
     leaves = [t.clone().requires_grad_() for t in inputs]
     args = leaves if with_h0 else leaves[:-1]
@@ -68,28 +87,7 @@ def _outputs_and_grads(fn, inputs, chunk: int, with_h0: bool):
 
 @pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "given-state"])
 @pytest.mark.parametrize("B,T,chunk", SHAPES, ids=IDS)
-@pytest.mark.parametrize(
-    "fast,ref,make",
-    [
-        (scan.selective_scan, scan.selective_scan_ref, _selective_inputs),
-        pytest.param(
-            scan.selective_scan_native,
-            scan.selective_scan_ref,
-            _selective_inputs,
-            marks=native_available,
-            id="mamba1-native",
-        ),
-        (scan.ssd_scan, scan.ssd_scan_ref, _ssd_inputs),
-        pytest.param(
-            scan.ssd_scan_native,
-            scan.ssd_scan_ref,
-            _ssd_inputs,
-            marks=ssd_native_available,
-            id="mamba2-native",
-        ),
-    ],
-    ids=["mamba1", None, "mamba2", None],
-)
+@pytest.mark.parametrize("fast,ref,make", SCANS)
 def test_fast_equals_reference(fast, ref, make, B, T, chunk, with_h0):
     inputs = make(B, T)
     y, h, grads = _outputs_and_grads(fast, inputs, chunk, with_h0)
@@ -100,19 +98,8 @@ def test_fast_equals_reference(fast, ref, make, B, T, chunk, with_h0):
         torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-8, msg=lambda m, i=i: f"input {i}: {m}")
 
 
-@pytest.mark.parametrize(
-    "fast,make",
-    [
-        (scan.selective_scan, _selective_inputs),
-        pytest.param(
-            scan.selective_scan_native, _selective_inputs, marks=native_available, id="mamba1-native"
-        ),
-        (scan.ssd_scan, _ssd_inputs),
-        pytest.param(scan.ssd_scan_native, _ssd_inputs, marks=ssd_native_available, id="mamba2-native"),
-    ],
-    ids=["mamba1", None, "mamba2", None],
-)
-def test_split_sequence_resumes_from_state(fast, make):
+@pytest.mark.parametrize("fast,ref,make", SCANS)
+def test_split_sequence_resumes_from_state(fast, ref, make):
     """Scanning [0, 20) then [20, 45) from the carried state equals scanning [0, 45) at once."""
     x, dt, A, Bm, Cm, D, _ = make(2, 45)
     y, h = fast(x, dt, A, Bm, Cm, D, chunk_size=8)
@@ -122,27 +109,14 @@ def test_split_sequence_resumes_from_state(fast, make):
     torch.testing.assert_close(h2, h)
 
 
-@pytest.mark.parametrize(
-    "fast,make",
-    [
-        (scan.selective_scan, _selective_inputs),
-        pytest.param(
-            scan.selective_scan_native, _selective_inputs, marks=native_available, id="mamba1-native"
-        ),
-        (scan.ssd_scan, _ssd_inputs),
-        pytest.param(scan.ssd_scan_native, _ssd_inputs, marks=ssd_native_available, id="mamba2-native"),
-    ],
-    ids=["mamba1", None, "mamba2", None],
-)
-def test_fp32_long_decay_stays_finite(fast, make):
+@pytest.mark.parametrize("fast,ref,make", SCANS)
+def test_fp32_long_decay_stays_finite(fast, ref, make):
     """Large Delta drives cumulative log-decays far below exp's fp32 range within one chunk; the fast
     paths must neither overflow nor lose the reference's answer."""
     x, dt, A, Bm, Cm, D, _ = (t.float() for t in make(1, 64))
     dt = dt * 50
     y, h = fast(x, dt, A, Bm, Cm, D, chunk_size=64)
-    y_ref, h_ref = (scan.ssd_scan_ref if make is _ssd_inputs else scan.selective_scan_ref)(
-        x, dt, A, Bm, Cm, D
-    )
+    y_ref, h_ref = ref(x, dt, A, Bm, Cm, D)
     assert torch.isfinite(y).all() and torch.isfinite(h).all()
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
 
@@ -258,28 +232,7 @@ def test_cuda_kernels_match_torch(T):
         torch.testing.assert_close(h.float(), h_t, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize(
-    "fast,ref,make",
-    [
-        (scan.selective_scan, scan.selective_scan_ref, _selective_inputs),
-        pytest.param(
-            scan.selective_scan_native,
-            scan.selective_scan_ref,
-            _selective_inputs,
-            marks=native_available,
-            id="mamba1-native",
-        ),
-        (scan.ssd_scan, scan.ssd_scan_ref, _ssd_inputs),
-        pytest.param(
-            scan.ssd_scan_native,
-            scan.ssd_scan_ref,
-            _ssd_inputs,
-            marks=ssd_native_available,
-            id="mamba2-native",
-        ),
-    ],
-    ids=["mamba1", None, "mamba2", None],
-)
+@pytest.mark.parametrize("fast,ref,make", SCANS)
 @pytest.mark.parametrize("T", [8, 19], ids=["T8-one-chunk", "T19-three-chunks"])
 def test_without_final_state(fast, ref, make, T):
     """final_state=False (what the models use) skips the state but not any output term."""
@@ -290,16 +243,8 @@ def test_without_final_state(fast, ref, make, T):
     torch.testing.assert_close(y, y_ref)
 
 
-@pytest.mark.parametrize(
-    "fast,make",
-    [
-        pytest.param(
-            scan.selective_scan_native, _selective_inputs, marks=native_available, id="mamba1-native"
-        ),
-        pytest.param(scan.ssd_scan_native, _ssd_inputs, marks=ssd_native_available, id="mamba2-native"),
-    ],
-)
-def test_native_refuses_double_backward(fast, make):
+@pytest.mark.parametrize("fast,ref,make", NATIVE_SCANS)
+def test_native_refuses_double_backward(fast, ref, make):
     """The C backward builds no graph: a second derivative must fail loudly, not come out as zero."""
     leaves = [t.clone().requires_grad_() for t in make(2, 12)]
     y, _ = fast(*leaves, chunk_size=8)
@@ -309,25 +254,7 @@ def test_native_refuses_double_backward(fast, make):
         (gu.square().sum() + leaves[0].pow(3).sum()).backward()
 
 
-@pytest.mark.parametrize(
-    "fast,ref,make",
-    [
-        pytest.param(
-            scan.selective_scan_native,
-            scan.selective_scan_ref,
-            _selective_inputs,
-            marks=native_available,
-            id="mamba1-native",
-        ),
-        pytest.param(
-            scan.ssd_scan_native,
-            scan.ssd_scan_ref,
-            _ssd_inputs,
-            marks=ssd_native_available,
-            id="mamba2-native",
-        ),
-    ],
-)
+@pytest.mark.parametrize("fast,ref,make", NATIVE_SCANS)
 def test_native_broadcasts_like_the_reference_and_rejects_bad_shapes(fast, ref, make):
     x, dt, A, Bm, Cm, D, h0 = make(2, 12)
     Bm1 = Bm[:1]  # one B for the whole batch: the reference broadcasts it
