@@ -1,17 +1,19 @@
 """Forward+backward throughput of MoE dispatch: the fast paths (`expert_mlp`, layouts "grouped"
 and "padded") against the per-expert loop reference, timed in the same process on the same routing.
 
-    .venv/bin/python benchmarks/bench_dispatch.py            # 4096 tokens, d 256, d_ff 512, top-2, E = 8, 64
-    .venv/bin/python benchmarks/bench_dispatch.py --dtype bfloat16   # all paths under bf16 autocast
+    .venv/bin/python benchmarks/bench_dispatch.py      # 4096 tokens, d 256, d_ff 512, top-2, E = 8, 64
+    .venv/bin/python benchmarks/bench_dispatch.py --dtype bfloat16   # only bf16 autocast
     .venv/bin/python benchmarks/bench_dispatch.py --device cuda
 
 All paths get the same top-2 routing of random router logits (dropless). Parameters and inputs are
-fp32; `--dtype bfloat16` runs every path under torch.autocast, so all of them do bf16 matmuls and
-the ratios compare like with like. The paths take turns within each repetition and the median step
+fp32. Each dtype is one table: fp32, then bf16 with every path under torch.autocast, so all of
+them do bf16 matmuls and the ratios compare like with like. The paths take turns within each repetition and the median step
 is reported, so load from other processes on a shared machine falls on all paths alike. Reports
 tokens/s and the fast/loop ratios; the router itself is shared and not timed. The "floor" column
 times only the expert matmuls of the same routing (no dispatch, no activations, no autograd):
-floor/loop is the most any dispatch built on these matmuls could gain over the loop here.
+Under autocast it also casts the fp32 weights to bf16 and the weight gradients back, into
+preallocated buffers, as any path must once per step. floor/loop is the most any dispatch built
+on these matmuls could gain over the loop here.
 """
 
 from __future__ import annotations
@@ -57,19 +59,25 @@ def bench(tokens: int, d_model: int, d_ff: int, n_experts: int, top_k: int, reps
 
     # The floor: only the matmuls of this routing (per expert, forward 2 and backward 4, into
     # preallocated buffers, no autograd), with no routing, sorting, gathering, scattering or
-    # activation. No dispatch that runs these matmuls can be faster: floor/loop bounds the speed-up.
+    # activation; under autocast plus the weight casts every path needs. No dispatch that runs
+    # these matmuls can be faster: floor/loop bounds the speed-up.
     counts = torch.bincount(r["exp_A"], minlength=n_experts).tolist()
     A, F2 = sum(counts), 2 * d_ff
-    xs = torch.randn(A, d_model, generator=g).to(device, dtype)  # all in the matmul dtype, cast once
+    xs = torch.randn(A, d_model, generator=g).to(device, dtype)
     wu, wd = w_up.detach().to(dtype), w_down.detach().to(dtype)
     h, act, o = xs.new_empty(A, F2), xs.new_empty(A, d_ff), xs.new_empty(A, d_model)
     gw_up, gw_down = torch.empty_like(wu), torch.empty_like(wd)
+    gw_up32, gw_down32 = torch.empty_like(w_up), torch.empty_like(w_down)
     gx = xs.new_empty(A, d_model)
+    cast = dtype != w_up.dtype
 
     def floor() -> float:
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
+            if cast:
+                wu.copy_(w_up)
+                wd.copy_(w_down)
             s0 = 0
             for e, n in enumerate(counts):
                 s1 = s0 + n
@@ -82,6 +90,9 @@ def bench(tokens: int, d_model: int, d_ff: int, n_experts: int, top_k: int, reps
                     torch.mm(x_e.t(), h_e, out=gw_up[e])
                     torch.mm(h_e, wu[e].t(), out=gx[s0:s1])
                 s0 = s1
+            if cast:
+                gw_up32.copy_(gw_up)
+                gw_down32.copy_(gw_down)
         _sync(device)
         return time.perf_counter() - t0
 
@@ -106,22 +117,36 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="matmul dtype (autocast)"
+        "--dtype",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="matmul dtypes (bfloat16: autocast), one table each",
     )
     args = ap.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print(
-        f"device={device} threads={torch.get_num_threads()} dtype={args.dtype} tokens={args.tokens} "
-        f"d_model={args.d_model} d_ff={args.d_ff} top_k={args.top_k} reps={args.reps} (median step)"
-    )
+    device = torch.device(args.device)
     names = [*PATHS, "floor"]
     head = " ".join(f"{name + ' tok/s':>14}" for name in names)
-    print(f"{'experts':>8} {head} {'grouped/loop':>13} {'padded/loop':>12} {'floor/loop':>11}")
-    for E in args.experts:
-        t = bench(args.tokens, args.d_model, args.d_ff, E, args.top_k, args.reps, device, dtype)
-        rates = " ".join(f"{args.tokens / t[name]:>14.0f}" for name in names)
-        ratios = [t["loop"] / t[name] for name in ("grouped", "padded", "floor")]
-        print(f"{E:>8} {rates} {ratios[0]:>13.2f} {ratios[1]:>12.2f} {ratios[2]:>11.2f}")
+    for dtype_name in args.dtype:
+        print(
+            f"device={device} threads={torch.get_num_threads()} dtype={dtype_name} tokens={args.tokens} "
+            f"d_model={args.d_model} d_ff={args.d_ff} top_k={args.top_k} reps={args.reps} (median step)"
+        )
+        print(f"{'experts':>8} {head} {'grouped/loop':>13} {'padded/loop':>12} {'floor/loop':>11}")
+        for E in args.experts:
+            t = bench(
+                args.tokens,
+                args.d_model,
+                args.d_ff,
+                E,
+                args.top_k,
+                args.reps,
+                device,
+                getattr(torch, dtype_name),
+            )
+            rates = " ".join(f"{args.tokens / t[name]:>14.0f}" for name in names)
+            ratios = [t["loop"] / t[name] for name in ("grouped", "padded", "floor")]
+            print(f"{E:>8} {rates} {ratios[0]:>13.2f} {ratios[1]:>12.2f} {ratios[2]:>11.2f}")
 
 
 if __name__ == "__main__":

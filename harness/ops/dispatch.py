@@ -136,26 +136,26 @@ def expert_mlp(
 
 class _GroupedExperts(torch.autograd.Function):
     """y = scatter_add over sorted assignments of gate * SwiGLU_e(x[tok]), experts run on
-    contiguous segments of the expert-sorted rows (a grouped matmul written as a loop of
-    `torch.mm(out=...)` into preallocated buffers).
+    contiguous segments of the expert-sorted rows (a grouped matmul written as a loop of `mm`).
 
-    Why by hand on CPU (measured at 4096 tokens, d 256, d_ff 512, top-2, 64 experts, 2 cores,
-    fp32): the padded slab spent ~25% of its step outside matmuls (the cat in the SwiGLU chunk's
-    backward, padding) and its bmm ran at ~120 GFLOP/s on ~1.3x the FLOPs (padding to the largest
-    load), where one `mm` per segment runs at ~170 in isolation. The reference spends ~20-30% of
-    its step outside matmuls, mostly in autograd filling a zero (N, D) gradient per expert for
-    `x[tok]` and copying it. Here the backward does one gather of dy and one scatter-add
-    into dx, writes weight gradients straight into (E, ...) buffers, and runs the SwiGLU and its
-    backward per segment while the segment is still in cache (~8% faster than whole-buffer
-    elementwise ops). Gate and up halves go to separate buffers: splitting the (A, 2F) matmul
-    measured a few % faster than strided elementwise ops on its halves. The one host sync is the
-    per-expert counts. `torch.nn.functional.grouped_mm` runs on CPU in torch 2.13 but measured
-    slower than this loop in fp32 (77 vs 108 GFLOP/s in one loaded run) and rejects fp64.
+    Why by hand on CPU (measured at 4096 tokens, d 256, d_ff 512, top-2, 64 experts, 2 cores):
+    - The reference spends much of its step outside matmuls, mostly in autograd filling a zero
+      (N, D) gradient per expert for `x[tok]` and copying it. Here the backward does one gather of
+      dy and one scatter-add into dx and writes weight gradients straight into (E, ...) buffers.
+    - Activations are one tensor per expert, not slices of one (A, 2F) buffer: on this VM a fresh
+      buffer of 32 MiB or more comes from mmap and page-faults on every step (glibc's largest
+      mmap threshold), which cost ~10 ms a step per buffer in fp32. Per-expert tensors are reused
+      from the heap.
+    - One (n, D) x (D, 2F) matmul per expert for gate and up together. In bf16, splitting it or
+      slicing the weight into strided halves measured ~40% slower.
+    - Under bf16 autocast each expert's weights are cast once in the forward and kept for the
+      backward (as autocast's cache does for nn.Linear), and weight gradients are written into
+      buffers of the parameters' dtype.
+    - `torch.nn.functional.grouped_mm` runs on CPU in torch 2.13 but measured slower than this
+      loop (fp32 77 vs 108 GFLOP/s; bf16 9.4 vs 8.2 ms for the up projection) and rejects fp64.
 
     Matmuls run in `ct` (the autocast dtype, else the inputs' promoted dtype); the gated combine
-    accumulates in at least fp32, as the reference does. Under bf16 autocast the weights are cast
-    one expert at a time and the weight gradients written straight into fp32 buffers: whole-tensor
-    casts into fresh (E, ...) buffers cost ~20% of the step at 64 experts (page faults)."""
+    accumulates in at least fp32, as the reference does."""
 
     @staticmethod
     def forward(ctx, x_ND, w_up_EDH, w_down_EFD, gate_A, tok_A, counts, ct):
@@ -164,53 +164,53 @@ class _GroupedExperts(torch.autograd.Function):
         with torch.autocast(x_ND.device.type, enabled=False):
             xs_AD = x_ND.index_select(0, tok_A).to(ct)
             A, D = xs_AD.shape
-            # gate and up halves into separate buffers: elementwise ops on contiguous (A, F) are
-            # ~3x faster than on the strided halves of one (A, 2F) buffer.
-            g_AF, u_AF, o_AD = xs_AD.new_empty(A, F_), xs_AD.new_empty(A, F_), xs_AD.new_empty(A, D)
+            o_AD = xs_AD.new_empty(A, D)
+            per_expert = []  # (w_up, w_down, h) of each non-empty segment
             for e, s0, s1 in _segments(counts):
-                g, u = g_AF[s0:s1], u_AF[s0:s1]
-                w_up = w_up_EDH[e].to(ct)  # per expert: a fresh full-size copy costs page faults
-                torch.mm(xs_AD[s0:s1], w_up[:, :F_], out=g)
-                torch.mm(xs_AD[s0:s1], w_up[:, F_:], out=u)
-                torch.mm(F.silu(g).mul_(u), w_down_EFD[e].to(ct), out=o_AD[s0:s1])
+                w_up, w_down = w_up_EDH[e].to(ct), w_down_EFD[e].to(ct)  # views unless autocast
+                h = torch.mm(xs_AD[s0:s1], w_up)
+                torch.mm(F.silu(h[:, :F_]).mul_(h[:, F_:]), w_down, out=o_AD[s0:s1])
+                per_expert += (w_up, w_down, h)
             y_ND = torch.zeros(x_ND.shape, dtype=acc, device=x_ND.device)
             y_ND.scatter_add_(0, tok_A[:, None].expand(A, D), o_AD.to(acc) * gate_A.to(acc)[:, None])
-        ctx.save_for_backward(w_up_EDH, w_down_EFD, gate_A, tok_A, xs_AD, g_AF, u_AF, o_AD)
+        ctx.save_for_backward(w_up_EDH, w_down_EFD, gate_A, tok_A, xs_AD, o_AD, *per_expert)
         ctx.counts, ctx.x_dtype = counts, x_ND.dtype
         return y_ND.to(x_ND.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_ND):
-        w_up_EDH, w_down_EFD, gate_A, tok_A, xs_AD, g_AF, u_AF, o_AD = ctx.saved_tensors
+        w_up_EDH, w_down_EFD, gate_A, tok_A, xs_AD, o_AD, *per_expert = ctx.saved_tensors
         counts, x_dt = ctx.counts, ctx.x_dtype
-        E, F_, D = w_down_EFD.shape
-        A, ct = xs_AD.shape[0], xs_AD.dtype
+        F_ = w_down_EFD.shape[1]
+        A, D = xs_AD.shape
+        ct = xs_AD.dtype
         acc = torch.promote_types(dy_ND.dtype, torch.float32)
         dy_AD = dy_ND.index_select(0, tok_A).to(acc)
         dgate_A = (dy_AD * o_AD.to(acc)).sum(-1).to(gate_A.dtype)
         do_AD = (dy_AD * gate_A.to(acc)[:, None]).to(ct)
+        del dy_AD
         dw_up, dw_down = torch.empty_like(w_up_EDH), torch.empty_like(w_down_EFD)
-        dxs_AD = xs_AD.new_empty(A, D)
-        for e in range(E):
-            if not counts[e]:  # an expert with no tokens gets zero gradients
+        for e, n in enumerate(counts):
+            if not n:  # an expert with no tokens gets zero gradients
                 dw_up[e].zero_()
                 dw_down[e].zero_()
         need_dx = ctx.needs_input_grad[0]
-        for e, s0, s1 in _segments(counts):
-            do, xs, g, u, dx = do_AD[s0:s1], xs_AD[s0:s1], g_AF[s0:s1], u_AF[s0:s1], dxs_AD[s0:s1]
-            w_up, w_down = w_up_EDH[e].to(ct), w_down_EFD[e].to(ct)
-            silu_g = F.silu(g)  # recomputed: saving act would cost another (A, F) buffer
+        dxs_AD = xs_AD.new_empty(A, D) if need_dx else None
+        for i, (e, s0, s1) in enumerate(_segments(counts)):
+            w_up, w_down, h = per_expert[3 * i : 3 * i + 3]
+            do, xs = do_AD[s0:s1], xs_AD[s0:s1]
+            g, u = h[:, :F_], h[:, F_:]
+            silu_g = F.silu(g)  # recomputed: saving act would cost another (A, F) of memory
             _mm_into((silu_g * u).t(), do, dw_down[e])
             dact = torch.mm(do, w_down.t())
             # SwiGLU backward: d act / d u = silu(g), d act / d g = u silu'(g)
-            du = silu_g.mul_(dact)
-            dg = torch.ops.aten.silu_backward(dact.mul_(u), g)
-            _mm_into(xs.t(), dg, dw_up[e, :, :F_])
-            _mm_into(xs.t(), du, dw_up[e, :, F_:])
+            dh = torch.empty_like(h)
+            torch.ops.aten.silu_backward(dact * u, g, grad_input=dh[:, :F_])
+            torch.mul(silu_g, dact, out=dh[:, F_:])
+            _mm_into(xs.t(), dh, dw_up[e])
             if need_dx:
-                torch.mm(dg, w_up[:, :F_].t(), out=dx)
-                dx.addmm_(du, w_up[:, F_:].t())
+                torch.mm(dh, w_up.t(), out=dxs_AD[s0:s1])
         dx_ND = None
         if need_dx:
             dx_ND = torch.zeros(dy_ND.shape, dtype=acc, device=dy_ND.device)
