@@ -68,7 +68,9 @@ class MoEConfig(DenseConfig):
     load_balance_weight: float = 0.01  # Switch loss (Fedus et al. use 1e-2)
     z_loss_weight: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     cv_loss_weight: float = 0.0  # importance + load CV^2 (Shazeer et al. use 0.1)
-    backend: str = "auto"  # "torch" | "auto": expert-sorted dispatch (grouped on CPU, padded bmm on GPU)
+    # expert-sorted dispatch layout (ops/dispatch.py): "auto" (= "torch"): grouped on CPU, padded
+    # bmm on GPU; or "grouped", "padded", "grouped_mm" (torch's grouped GEMM) to force one
+    backend: str = "auto"
     causal: bool = True  # derived from the router; any value given is replaced
 
     def __post_init__(self) -> None:
@@ -96,10 +98,14 @@ class MoEConfig(DenseConfig):
         for f in ("load_balance_weight", "z_loss_weight", "cv_loss_weight"):
             if getattr(self, f) < 0:
                 raise ValueError(f"model.{f} must be >= 0, got {getattr(self, f)}")
-        if self.backend not in ("torch", "auto"):
-            raise ValueError(f"model.backend must be 'torch' or 'auto' for MoE, got {self.backend!r}")
+        if self.backend not in ("torch", *dispatch.LAYOUTS):
+            raise ValueError(
+                f"model.backend for MoE must be one of torch, {', '.join(dispatch.LAYOUTS)}, got {self.backend!r}"
+            )
         if self.d_expert == 0:
             self.d_expert = max(1, self.d_ff // self.expert_granularity)
+        if self.backend == "grouped_mm":  # bf16 is the strictest dtype it may run in (autocast)
+            dispatch.check_grouped_mm(self.d_model, self.d_expert, torch.bfloat16)
         self.causal = self.router != "expert_choice"
 
     def is_moe(self, layer: int) -> bool:
@@ -140,8 +146,12 @@ class MoEMLP(nn.Module):
             r = dispatch.route(
                 logits_NE, cfg.router, cfg.top_k, B, cfg.capacity_factor, cfg.router_renorm, noise_std
             )
-        mlp = dispatch.expert_mlp_ref if self.reference else dispatch.expert_mlp
-        y_ND = mlp(x_ND, self.w_up, self.w_down, r["tok_A"], r["exp_A"], r["gate_A"])
+        routed = (x_ND, self.w_up, self.w_down, r["tok_A"], r["exp_A"], r["gate_A"])
+        if self.reference:
+            y_ND = dispatch.expert_mlp_ref(*routed)
+        else:
+            layout = "auto" if cfg.backend == "torch" else cfg.backend
+            y_ND = dispatch.expert_mlp(*routed, layout=layout)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
 

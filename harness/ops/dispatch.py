@@ -10,9 +10,9 @@ choice, with or without capacity) reduces to this list, so one dispatch serves t
 
     y[t] = sum over a with tok_A[a] = t of gate_A[a] * Expert_{exp_A[a]}(x[t])     (Shazeer et al. 2017, eq. 1)
 
-`expert_mlp` (fast: sort by expert, then matmuls on each expert's contiguous segment on CPU, or one
-padded batched matmul elsewhere) and `expert_mlp_ref` (the loop above, one expert at a time)
-compute the same thing. `capacity_keep` decides which assignments fit into an
+`expert_mlp` (fast: sort by expert, then matmuls on each expert's contiguous segment on CPU, one
+padded batched matmul elsewhere, or torch's grouped GEMM on request) and `expert_mlp_ref` (the loop
+above, one expert at a time) compute the same thing. `capacity_keep` decides which assignments fit into an
 expert's capacity; `capacity_keep_ref` is its loop twin.
 
 Capacity priority rule: within one sequence, assignments are served in position order (token t
@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 TOKEN_ROUTERS = ("topk_softmax", "softmax_topk", "switch", "noisy_topk")
 ROUTERS = (*TOKEN_ROUTERS, "expert_choice")
+LAYOUTS = ("auto", "grouped", "padded", "grouped_mm")
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def capacity(tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -115,23 +117,58 @@ def expert_mlp(
     """Fast dispatch. `layout` "grouped" (the "auto" choice on CPU) runs each expert's matmuls on
     its contiguous segment of the expert-sorted assignments, with a hand-written backward;
     "padded" (the "auto" choice elsewhere) packs the segments into a zero-padded (E, L, D) slab
-    and runs batched matmuls, a few large kernels instead of 6 E small ones."""
+    and runs batched matmuls, a few large kernels instead of 6 E small ones; "grouped_mm" runs
+    the segments through `torch.nn.functional.grouped_mm` (CUTLASS grouped GEMM on CUDA, SM >= 80),
+    with no padding and no host sync."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "auto":
         layout = "grouped" if x_ND.device.type == "cpu" else "padded"
-    if layout not in ("grouped", "padded"):
-        raise ValueError(f"layout must be 'auto', 'grouped' or 'padded', got {layout!r}")
-    if tok_A.numel() == 0:
-        return torch.zeros_like(x_ND) + 0 * (w_up_EDH.sum() + w_down_EFD.sum())  # keep grads defined
-    if layout == "padded":
-        return _expert_mlp_padded(x_ND, w_up_EDH, w_down_EFD, tok_A, exp_A, gate_A)
-    order_A = torch.argsort(exp_A, stable=True)
-    counts = torch.bincount(exp_A, minlength=w_up_EDH.shape[0]).tolist()  # the one host sync
     dev = x_ND.device.type
     if torch.is_autocast_enabled(dev):
         ct = torch.get_autocast_dtype(dev)
     else:
         ct = torch.promote_types(x_ND.dtype, torch.promote_types(w_up_EDH.dtype, w_down_EFD.dtype))
+    if layout == "grouped_mm":
+        check_grouped_mm(w_down_EFD.shape[2], w_down_EFD.shape[1], ct)
+    if tok_A.numel() == 0:
+        return torch.zeros_like(x_ND) + 0 * (w_up_EDH.sum() + w_down_EFD.sum())  # keep grads defined
+    if layout == "padded":
+        return _expert_mlp_padded(x_ND, w_up_EDH, w_down_EFD, tok_A, exp_A, gate_A)
+    if layout == "grouped_mm":
+        return _expert_mlp_grouped_mm(x_ND, w_up_EDH, w_down_EFD, tok_A, exp_A, gate_A, ct)
+    order_A = torch.argsort(exp_A, stable=True)
+    counts = torch.bincount(exp_A, minlength=w_up_EDH.shape[0]).tolist()  # the one host sync
     return _GroupedExperts.apply(x_ND, w_up_EDH, w_down_EFD, gate_A[order_A], tok_A[order_A], counts, ct)
+
+
+def check_grouped_mm(d_model: int, d_expert: int, dtype: torch.dtype) -> None:
+    """grouped_mm's limits (torch 2.13): fp32, bf16 or fp16 operands (CUDA kernels: bf16), every
+    row a multiple of 16 bytes."""
+    if dtype not in GROUPED_MM_DTYPES:
+        raise ValueError(f"the grouped_mm dispatch needs fp32, bf16 or fp16 matmuls, got {dtype}")
+    row = 16 // dtype.itemsize
+    if d_model % row or d_expert % row:
+        raise ValueError(
+            f"the grouped_mm dispatch needs d_model and d_expert divisible by {row} in {dtype} "
+            f"(16-byte rows), got d_model={d_model}, d_expert={d_expert}"
+        )
+
+
+def _expert_mlp_grouped_mm(x_ND, w_up_EDH, w_down_EFD, tok_A, exp_A, gate_A, ct) -> torch.Tensor:
+    """Expert-sorted rows through two grouped GEMMs; autograd differentiates grouped_mm itself
+    (the weight gradients are grouped GEMMs over the same offsets)."""
+    order_A = torch.argsort(exp_A, stable=True)
+    tok_s, gate_s = tok_A[order_A], gate_A[order_A]
+    offs_E = torch.bincount(exp_A, minlength=w_up_EDH.shape[0]).cumsum(0).to(torch.int32)
+    acc = torch.promote_types(x_ND.dtype, torch.float32)
+    with torch.autocast(x_ND.device.type, enabled=False):
+        xs_AD = x_ND.index_select(0, tok_s).to(ct)
+        h_AH = F.grouped_mm(xs_AD, w_up_EDH.to(ct), offs=offs_E)
+        o_AD = F.grouped_mm(_swiglu(h_AH), w_down_EFD.to(ct), offs=offs_E)
+        y_ND = torch.zeros(x_ND.shape, dtype=acc, device=x_ND.device)
+        y_ND = y_ND.index_add(0, tok_s, o_AD.to(acc) * gate_s.to(acc)[:, None])
+    return y_ND.to(x_ND.dtype)
 
 
 class _GroupedExperts(torch.autograd.Function):

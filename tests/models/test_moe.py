@@ -49,6 +49,32 @@ def test_fast_model_matches_loop_reference(name):
         torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-8, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("backend", ["grouped", "padded", "grouped_mm"])
+def test_every_dispatch_backend_matches_loop_in_fp32(backend, monkeypatch):
+    """model.backend picks the dispatch layout; each trains the same fp32 model as the loop."""
+    seen, real = [], moe.dispatch.expert_mlp
+    monkeypatch.setattr(
+        moe.dispatch, "expert_mlp", lambda *a, layout: seen.append(layout) or real(*a, layout=layout)
+    )
+    c = cfg(router="softmax_topk", top_k=2, n_shared_experts=1, backend=backend)
+    torch.manual_seed(0)
+    model = build_model(c)
+    idx = torch.randint(0, c.vocab_size, (2, 16))
+    results = []
+    for ref in (False, True):
+        for m in model.modules():
+            if isinstance(m, MoEMLP):
+                m.reference = ref
+        model.zero_grad()
+        out = model(idx)
+        (out.logits.square().mean() + sum(out.aux_losses.values())).backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    for n in results[0][1]:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-3, atol=1e-6, msg=n)
+    assert seen == [backend] * c.n_moe_layers
+
+
 SHAPES = {
     "mixtral": dict(),
     "switch-every2": dict(router="switch", top_k=1, moe_every=2, n_layers=4),
@@ -167,9 +193,20 @@ def test_tiny_preset_overrides():
         dict(moe_every=3),
         dict(mlp="gelu"),
         dict(backend="cuda"),
+        dict(backend="grouped_mm", d_model=36, n_heads=3),
         dict(load_balance_weight=-0.1),
     ],
-    ids=["router", "top_k", "switch_k", "capacity", "moe_every", "mlp", "backend", "weight"],
+    ids=[
+        "router",
+        "top_k",
+        "switch_k",
+        "capacity",
+        "moe_every",
+        "mlp",
+        "backend",
+        "grouped_mm_rows",
+        "weight",
+    ],
 )
 def test_config_rejects_impossible_values(bad):
     with pytest.raises(ValueError):
