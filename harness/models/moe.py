@@ -24,7 +24,9 @@ k choices; a noisy router draws noise only in training mode.
 Aux losses go in `last_aux` already weighted ("load_balance", "z_loss", "cv_loss"); per-layer
 routing statistics are stacked by `MoELM` into the metrics "expert_load" (MoE layers x experts,
 each row sums to the experts per token), "dropped_frac", "router_entropy" and "slab_fill" (routed
-assignments / rows of the padded expert slab the fast path computed: its padding overhead).
+assignments / rows of a slab padded to the largest expert load: the useful fraction of what the
+padded layout, the default on CUDA, computes; the grouped layouts compute no padding. It is also
+mean load / max load, a measure of balance).
 """
 
 from __future__ import annotations
@@ -257,9 +259,9 @@ def executed_flops_per_token(cfg: MoEConfig, seq_len: int) -> dict[str, int]:
     """Forward FLOPs per token a static-shape implementation executes (GShard / Switch style): every
     expert computes all C capacity slots of every sequence, padding included, and dropped tokens
     compute nothing. Not part of the training count (`flops_per_token` is). Dropless token choice
-    has no fixed capacity: this returns the balanced cost, and the fast path's real padding is the
-    logged metric `slab_fill`. Our fast path pads only to the largest load, so with a capacity
-    factor this is an upper bound on what it runs."""
+    has no fixed capacity: this returns the balanced cost; the padded layout's real padding is the
+    logged metric `slab_fill`. Our dispatch pads at most to the largest load (the grouped layouts
+    not at all), so with a capacity factor this is an upper bound on what it runs."""
     parts = flops_per_token(cfg, seq_len)
     if cfg.router == "expert_choice" or cfg.capacity_factor > 0:
         cf = cfg.capacity_factor or 1.0
