@@ -35,15 +35,29 @@ def test_run_writes_config_metrics_and_summary(results_dir):
     assert recs[-1]["train_loss"] < recs[0]["train_loss"]
 
 
-def test_resumed_run_has_the_same_loss_sequence_as_a_straight_run(tmp_path):
-    straight = run_cfg(tmp_path / "a", "train.tokens=7680", "train.ckpt_every=0")
+@pytest.mark.parametrize(
+    "model",
+    [
+        [],
+        [
+            "model=loss_free",
+            "model.d_model=32",
+            "model.n_layers=2",
+            "model.seq_len=64",
+            "model.balance_bias_rate=0.01",
+        ],
+    ],
+    ids=["llama_tiny", "moe-loss-free-bias"],  # the second carries routing state (a buffer) across the stop
+)
+def test_resumed_run_has_the_same_loss_sequence_as_a_straight_run(tmp_path, model):
+    straight = run_cfg(tmp_path / "a", "train.tokens=7680", "train.ckpt_every=0", *model)
     train(straight)
     interrupted = run_cfg(
-        tmp_path / "b", "train.tokens=7680", "train.ckpt_every=0", "train.stop_after_steps=13"
+        tmp_path / "b", "train.tokens=7680", "train.ckpt_every=0", "train.stop_after_steps=13", *model
     )
     first = train(interrupted)
     assert first["status"] == "running" and first["steps_done"] == 13
-    resumed = run_cfg(tmp_path / "b", "train.tokens=7680", "train.ckpt_every=0")
+    resumed = run_cfg(tmp_path / "b", "train.tokens=7680", "train.ckpt_every=0", *model)
     assert resumed.run_dir == interrupted.run_dir
     assert train(resumed)["status"] == "completed"
     a, b = read_metrics(straight.run_dir), read_metrics(resumed.run_dir)

@@ -9,6 +9,8 @@ One family, variants as config fields and presets (conf/model/):
 - `expert_choice` (Zhou et al. 2022): each expert picks its top-C tokens of a sequence.
 - `deepseek` (Dai et al. 2024, DeepSeekMoE): fine-grained experts (d_ff / 4 wide) plus one
   always-on shared expert, softmax then top-k without renormalisation.
+- `loss_free` (Wang et al. 2024): no auxiliary loss; a per-expert bias on the scores that choose the
+  experts (not on the gate values) is moved each training step towards the mean load.
 The routers, capacity rule and aux losses live in `harness.ops.dispatch`; router math is fp32.
 
 Causality. Token-choice routing decides per token, and the capacity rule serves a sequence in
@@ -70,6 +72,9 @@ class MoEConfig(DenseConfig):
     load_balance_weight: float = 0.01  # Switch loss (Fedus et al. use 1e-2)
     z_loss_weight: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     cv_loss_weight: float = 0.0  # importance + load CV^2 (Shazeer et al. use 0.1)
+    # loss-free balancing (Wang et al. 2024): per-expert selection bias, moved by this much per
+    # training step towards the mean load (they use 1e-3); 0: off
+    balance_bias_rate: float = 0.0
     # expert-sorted dispatch layout (ops/dispatch.py): "auto" (= "torch"): grouped on CPU, padded
     # bmm on GPU; or "grouped", "padded", "grouped_mm" (torch's grouped GEMM) to force one
     backend: str = "auto"
@@ -97,9 +102,14 @@ class MoEConfig(DenseConfig):
             raise ValueError(
                 f"model.moe_every must be in [1, n_layers={self.n_layers}], got {self.moe_every}"
             )
-        for f in ("load_balance_weight", "z_loss_weight", "cv_loss_weight"):
+        for f in ("load_balance_weight", "z_loss_weight", "cv_loss_weight", "balance_bias_rate"):
             if getattr(self, f) < 0:
                 raise ValueError(f"model.{f} must be >= 0, got {getattr(self, f)}")
+        if self.balance_bias_rate > 0 and self.router not in dispatch.BIASED_ROUTERS:
+            raise ValueError(
+                f"model.balance_bias_rate needs a token-choice router ({', '.join(dispatch.BIASED_ROUTERS)}), "
+                f"got {self.router!r}"
+            )
         if self.backend not in ("torch", *dispatch.LAYOUTS):
             raise ValueError(
                 f"model.backend for MoE must be one of torch, {', '.join(dispatch.LAYOUTS)}, got {self.backend!r}"
@@ -131,6 +141,10 @@ class MoEMLP(nn.Module):
         self.w_down = nn.Parameter(torch.randn(E, Fe, D) * cfg.init_std / math.sqrt(2 * cfg.n_layers))
         shared = cfg.n_shared_experts * Fe  # k shared experts of width F are one SwiGLU of width kF
         self.shared = MLP(D, shared, "swiglu", bias=False) if shared else None
+        if cfg.balance_bias_rate > 0:  # a buffer: checkpoints carry it, so a resumed run routes the same
+            self.register_buffer("expert_bias", torch.zeros(E))
+        else:
+            self.expert_bias = None
         self.reference = False  # tests flip this to the per-expert loop
         self.last_aux: dict[str, torch.Tensor] = {}
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -146,8 +160,11 @@ class MoEMLP(nn.Module):
             if self.noise is not None and self.training:
                 noise_std = F.softplus(F.linear(xf, self.noise.weight.float()))
             r = dispatch.route(
-                logits_NE, cfg.router, cfg.top_k, B, cfg.capacity_factor, cfg.router_renorm, noise_std
-            )
+                logits_NE, cfg.router, cfg.top_k, B, cfg.capacity_factor, cfg.router_renorm, noise_std,
+                self.expert_bias,
+            )  # fmt: skip
+            if self.expert_bias is not None and self.training:
+                self._update_bias(r["chosen_NE"].sum(0))
         routed = (x_ND, self.w_up, self.w_down, r["tok_A"], r["exp_A"], r["gate_A"])
         if self.reference:
             y_ND = dispatch.expert_mlp_ref(*routed)
@@ -167,7 +184,7 @@ class MoEMLP(nn.Module):
         if cfg.cv_loss_weight > 0:
             aux["cv_loss"] = cfg.cv_loss_weight * dispatch.importance_load_loss(r["gates_NE"], r["load_E"])
         self.last_aux = aux
-        with torch.no_grad():
+        with torch.no_grad():  # routing statistics: metrics only
             p = r["probs_NE"]
             counts_E = torch.bincount(r["exp_A"], minlength=cfg.n_experts)
             self.last_stats = {
@@ -177,6 +194,13 @@ class MoEMLP(nn.Module):
                 "slab_fill": r["exp_A"].numel() / (cfg.n_experts * counts_E.max().clamp_min(1)),
             }
         return y_ND.view(B, T, D)
+
+    @torch.no_grad()
+    def _update_bias(self, load_E: torch.Tensor) -> None:
+        """Wang et al. 2024, Algorithm 1: b_i += u * sign(mean load - load_i), from this batch's
+        choices before capacity. The new bias routes the next step: a token's routing never
+        depends on later tokens of its own batch, so the model stays causal."""
+        self.expert_bias += self.cfg.balance_bias_rate * torch.sign(load_E.mean() - load_E)
 
 
 class MoELM(LM):

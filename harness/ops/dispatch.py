@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 TOKEN_ROUTERS = ("topk_softmax", "softmax_topk", "switch", "noisy_topk")
 ROUTERS = (*TOKEN_ROUTERS, "expert_choice")
+BIASED_ROUTERS = ("topk_softmax", "softmax_topk", "switch")  # may take a loss-free balancing bias
 LAYOUTS = ("auto", "grouped", "padded", "grouped_mm")
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -338,6 +339,7 @@ def route(
     capacity_factor: float = 0.0,
     renorm: bool = False,
     noise_std_NE: torch.Tensor | None = None,
+    select_bias_E: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Router math in fp32. Returns the kept assignments (tok_A, exp_A, gate_A) and the routing
     statistics the aux losses and metrics need: probs_NE (softmax of the clean logits),
@@ -352,12 +354,20 @@ def route(
         KeepTopK(H, k), softmax over the kept k.
     expert_choice (Zhou et al. 2022): softmax over experts, then each expert takes the C tokens of
         a sequence with the highest score for it, C = cf * T * k / E. Looks across the sequence.
+
+    select_bias_E (loss-free balancing, Wang et al. 2024; topk_softmax, softmax_topk, switch): the
+    k experts are the top k of probs + bias instead; gate values still come from the unbiased
+    scores, so the bias steers only which experts a token visits, and no gradient flows through it.
     """
     N, E = logits_NE.shape
     T = N // batch
     logits = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32))  # fp32 at least
     probs = logits.softmax(-1)
     dev = logits.device
+    if select_bias_E is not None and router not in BIASED_ROUTERS:
+        raise ValueError(
+            f"a selection bias needs one of the routers {', '.join(BIASED_ROUTERS)}, got {router!r}"
+        )
     out: dict[str, torch.Tensor] = {"probs_NE": probs}
     if router == "expert_choice":
         C = min(T, capacity(T, E, top_k, capacity_factor or 1.0))
@@ -378,7 +388,11 @@ def route(
     if router == "noisy_topk" and noise_std_NE is not None:
         noise_std_NE = noise_std_NE.to(logits.dtype)
         select = logits + torch.randn_like(logits) * noise_std_NE
-    top_v_NK, exp_NK = select.topk(top_k, dim=-1)
+    if select_bias_E is None:
+        top_v_NK, exp_NK = select.topk(top_k, dim=-1)
+    else:
+        exp_NK = (probs + select_bias_E.to(probs.dtype)).topk(top_k, dim=-1).indices
+        top_v_NK = logits.gather(-1, exp_NK)
     if router in ("topk_softmax", "noisy_topk"):
         gate_NK = top_v_NK.softmax(-1)
     elif router in ("softmax_topk", "switch"):
