@@ -73,7 +73,8 @@ class MoEConfig(DenseConfig):
     z_loss_weight: float = 0.0  # router z-loss (ST-MoE uses 1e-3)
     cv_loss_weight: float = 0.0  # importance + load CV^2 (Shazeer et al. use 0.1)
     # loss-free balancing (Wang et al. 2024): per-expert selection bias, moved by this much per
-    # training step towards the mean load (they use 1e-3); 0: off
+    # training-mode forward (one per optimizer step in harness-train) towards the mean load (they
+    # use 1e-3); 0: off
     balance_bias_rate: float = 0.0
     # expert-sorted dispatch layout (ops/dispatch.py): "auto" (= "torch"): grouped on CPU, padded
     # bmm on GPU; or "grouped", "padded", "grouped_mm" (torch's grouped GEMM) to force one
@@ -141,7 +142,10 @@ class MoEMLP(nn.Module):
         self.w_down = nn.Parameter(torch.randn(E, Fe, D) * cfg.init_std / math.sqrt(2 * cfg.n_layers))
         shared = cfg.n_shared_experts * Fe  # k shared experts of width F are one SwiGLU of width kF
         self.shared = MLP(D, shared, "swiglu", bias=False) if shared else None
-        if cfg.balance_bias_rate > 0:  # a buffer: checkpoints carry it, so a resumed run routes the same
+        # A buffer: checkpoints carry it, so a resumed run routes the same. It takes the module's dtype;
+        # harness-train keeps fp32 parameters (bf16 only through autocast), where 1e-3 steps are exact
+        # enough. A model cast to bf16 would round them away once |bias| >= 0.5.
+        if cfg.balance_bias_rate > 0:
             self.register_buffer("expert_bias", torch.zeros(E))
         else:
             self.expert_bias = None

@@ -120,7 +120,8 @@ def expert_mlp(
     "padded" (the "auto" choice elsewhere) packs the segments into a zero-padded (E, L, D) slab
     and runs batched matmuls, a few large kernels instead of 6 E small ones; "grouped_mm" runs
     the segments through `torch.nn.functional.grouped_mm` (CUTLASS grouped GEMM on CUDA, SM >= 80),
-    with no padding and no host sync."""
+    with no padding and no host sync. All three are tested against the loop on CPU; on CUDA by the
+    tests marked gpu (not yet run on a GPU)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "auto":
@@ -158,10 +159,14 @@ def check_grouped_mm(d_model: int, d_expert: int, dtype: torch.dtype) -> None:
 
 def _expert_mlp_grouped_mm(x_ND, w_up_EDH, w_down_EFD, tok_A, exp_A, gate_A, ct) -> torch.Tensor:
     """Expert-sorted rows through two grouped GEMMs; autograd differentiates grouped_mm itself
-    (the weight gradients are grouped GEMMs over the same offsets)."""
+    (the weight gradients are grouped GEMMs over the same offsets). The offsets come from a
+    search in the sorted experts, which has a static shape: no host sync (`bincount` would sync
+    on CUDA). Upstream pytorch/pytorch#172439 (open): on B200 GPUs grouped_mm gives experts with no
+    tokens non-zero weight gradients; `test_fast_dispatch_on_cuda` checks for that on a GPU."""
     order_A = torch.argsort(exp_A, stable=True)
     tok_s, gate_s = tok_A[order_A], gate_A[order_A]
-    offs_E = torch.bincount(exp_A, minlength=w_up_EDH.shape[0]).cumsum(0).to(torch.int32)
+    experts = torch.arange(w_up_EDH.shape[0], device=exp_A.device, dtype=exp_A.dtype)
+    offs_E = torch.searchsorted(exp_A[order_A], experts, right=True).to(torch.int32)  # end of each group
     acc = torch.promote_types(x_ND.dtype, torch.float32)
     with torch.autocast(x_ND.device.type, enabled=False):
         xs_AD = x_ND.index_select(0, tok_s).to(ct)

@@ -18,6 +18,7 @@ ROUTERS = {
     "switch-capacity": dict(router="switch", top_k=1, capacity_factor=1.0),
     "noisy_topk": dict(router="noisy_topk", top_k=2, cv_loss_weight=0.1),
     "expert_choice": dict(router="expert_choice", top_k=2, capacity_factor=1.0),
+    "loss-free-bias": dict(router="softmax_topk", top_k=2, balance_bias_rate=0.05),
     "deepseek-shared": dict(
         router="softmax_topk", top_k=3, n_experts=6, n_shared_experts=1, expert_granularity=2
     ),
@@ -33,12 +34,18 @@ def _fast_and_loop_agree(c: MoEConfig, dtype, rtol, atol):
     """Logits and every parameter gradient of one model, with the fast dispatch and with the loop."""
     torch.manual_seed(0)
     model = build_model(c).to(dtype)
+    if c.balance_bias_rate:  # a bias that changes the routing; each training forward then moves it
+        for m in model.modules():
+            if isinstance(m, MoEMLP):
+                m.expert_bias.uniform_(-0.3, 0.3)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
     idx = torch.randint(0, c.vocab_size, (2, 16))
     results = []
     for ref in (False, True):
         for m in model.modules():
             if isinstance(m, MoEMLP):
                 m.reference = ref
+        model.load_state_dict(buffers, strict=False)  # both paths route with the same bias
         model.zero_grad()
         torch.manual_seed(1)  # same router noise for both paths
         out = model(idx)

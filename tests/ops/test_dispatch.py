@@ -277,3 +277,28 @@ def test_noisy_load_estimate_is_differentiable():
     assert float(r["load_E"].detach().sum()) == pytest.approx(2 * 20, rel=0.5)
     (gl, gn) = torch.autograd.grad(dispatch.importance_load_loss(r["gates_NE"], r["load_E"]), (logits, noise))
     assert gl.abs().sum() > 0 and gn.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fast_dispatch_on_cuda(layout):
+    """On a GPU, under bf16 autocast as training runs: each layout equals the loop, and experts that
+    got no token get exactly zero weight gradients (pytorch/pytorch#172439: grouped_mm on B200)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    N, E, D, Fe, used = 64, 6, 32, 16, [0, 2, 5]
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(N, D, generator=g).cuda().requires_grad_()
+    w_up = (torch.randn(E, D, 2 * Fe, generator=g) / 4).cuda().requires_grad_()
+    w_down = (torch.randn(E, Fe, D, generator=g) / 4).cuda().requires_grad_()
+    tok, exp, gate = (t.cuda() for t in _assignments(N, E, 100, used, seed=10))
+    gate = gate.detach().float().requires_grad_()
+    res = []
+    for fn in (lambda *a: dispatch.expert_mlp(*a, layout=layout), dispatch.expert_mlp_ref):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x, w_up, w_down, tok, exp, gate)
+        res.append((y, *torch.autograd.grad(y.square().sum(), (x, w_up, w_down, gate))))
+    for name, a, b in zip(("y", "x", "w_up", "w_down", "gate"), *res, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * float(b.detach().abs().max()), msg=name)
+    empty = [e for e in range(E) if e not in used]
+    assert torch.all(res[0][2][empty] == 0) and torch.all(res[0][3][empty] == 0)
