@@ -11,6 +11,8 @@ One family, variants as config fields and presets (conf/model/):
   always-on shared expert, softmax then top-k without renormalisation.
 - `loss_free` (Wang et al. 2024): no auxiliary loss; a per-expert bias on the scores that choose the
   experts (not on the gate values) is moved each training step towards the mean load.
+- `deepseek_v3` (DeepSeek-V3's MoE layer): sigmoid affinities normalised over the chosen k, the
+  loss-free bias, fine-grained and shared experts as in `deepseek`.
 The routers, capacity rule and aux losses live in `harness.ops.dispatch`; router math is fp32.
 
 Causality. Token-choice routing decides per token, and the capacity rule serves a sequence in
@@ -62,7 +64,9 @@ class MoEConfig(DenseConfig):
     family: str = "moe"
     n_experts: int = 8
     top_k: int = 2  # experts per token; for expert choice, the average (Zhou et al.'s c)
-    router: str = "topk_softmax"  # topk_softmax | softmax_topk | switch | noisy_topk | expert_choice
+    router: str = (
+        "topk_softmax"  # topk_softmax | softmax_topk | switch | noisy_topk | sigmoid_topk | expert_choice
+    )
     router_renorm: bool = False  # softmax_topk: renormalise the kept k probabilities to sum to 1
     capacity_factor: float = 0.0  # 0: dropless (token choice); expert choice uses 1.0 when 0
     d_expert: int = 0  # expert hidden width; 0: d_ff // expert_granularity

@@ -29,9 +29,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-TOKEN_ROUTERS = ("topk_softmax", "softmax_topk", "switch", "noisy_topk")
+TOKEN_ROUTERS = ("topk_softmax", "softmax_topk", "switch", "noisy_topk", "sigmoid_topk")
 ROUTERS = (*TOKEN_ROUTERS, "expert_choice")
-BIASED_ROUTERS = ("topk_softmax", "softmax_topk", "switch")  # may take a loss-free balancing bias
+BIASED_ROUTERS = ("topk_softmax", "softmax_topk", "switch", "sigmoid_topk")  # may take a loss-free bias
 LAYOUTS = ("auto", "grouped", "padded", "grouped_mm")
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -347,7 +347,8 @@ def route(
     select_bias_E: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Router math in fp32. Returns the kept assignments (tok_A, exp_A, gate_A) and the routing
-    statistics the aux losses and metrics need: probs_NE (softmax of the clean logits),
+    statistics the aux losses and metrics need: probs_NE (softmax of the clean logits; for
+    sigmoid_topk the sigmoid scores normalised to sum to 1 per token, as DeepSeek-V3's balance loss),
     chosen_NE (1 where a token chose an expert, before capacity), gates_NE (gate values, 0 where
     not chosen), load_E (Shazeer's load: smooth estimate for noisy gating, hard counts otherwise)
     and dropped_frac.
@@ -357,17 +358,24 @@ def route(
     switch (Fedus et al. 2021): top-1 of the softmax, output scaled by that probability.
     noisy_topk (Shazeer et al. 2017): H = logits + N(0,1) * softplus(x W_noise) while training,
         KeepTopK(H, k), softmax over the kept k.
+    sigmoid_topk (DeepSeek-V3, 2024): scores s = sigmoid(logits), top k of s, gates s normalised
+        over the k chosen (always: `renorm` is for softmax_topk).
     expert_choice (Zhou et al. 2022): softmax over experts, then each expert takes the C tokens of
         a sequence with the highest score for it, C = cf * T * k / E. Looks across the sequence.
 
-    select_bias_E (loss-free balancing, Wang et al. 2024; topk_softmax, softmax_topk, switch): the
-    k experts are the top k of probs + bias instead; gate values still come from the unbiased
-    scores, so the bias steers only which experts a token visits, and no gradient flows through it.
+    select_bias_E (loss-free balancing, Wang et al. 2024; the routers in BIASED_ROUTERS): the k
+    experts are the top k of affinity + bias instead, the affinity being the softmax probability
+    (the sigmoid score for sigmoid_topk); gate values still come from the unbiased scores, so the
+    bias steers only which experts a token visits, and no gradient flows through it.
     """
     N, E = logits_NE.shape
     T = N // batch
     logits = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32))  # fp32 at least
-    probs = logits.softmax(-1)
+    if router == "sigmoid_topk":
+        affinity = logits.sigmoid()
+        probs = affinity / affinity.sum(-1, keepdim=True)
+    else:
+        affinity = probs = logits.softmax(-1)
     dev = logits.device
     if select_bias_E is not None and router not in BIASED_ROUTERS:
         raise ValueError(
@@ -396,7 +404,7 @@ def route(
     if select_bias_E is None:
         top_v_NK, exp_NK = select.topk(top_k, dim=-1)
     else:
-        exp_NK = (probs + select_bias_E.to(probs.dtype)).topk(top_k, dim=-1).indices
+        exp_NK = (affinity + select_bias_E.to(affinity.dtype)).topk(top_k, dim=-1).indices
         top_v_NK = logits.gather(-1, exp_NK)
     if router in ("topk_softmax", "noisy_topk"):
         gate_NK = top_v_NK.softmax(-1)
@@ -404,6 +412,9 @@ def route(
         gate_NK = probs.gather(-1, exp_NK)
         if renorm and router == "softmax_topk":
             gate_NK = gate_NK / gate_NK.sum(-1, keepdim=True)
+    elif router == "sigmoid_topk":
+        gate_NK = affinity.gather(-1, exp_NK)
+        gate_NK = gate_NK / gate_NK.sum(-1, keepdim=True)
     else:
         raise ValueError(f"unknown router {router!r}; known: {', '.join(ROUTERS)}")
     chosen = logits.new_zeros(N, E).scatter(1, exp_NK, 1.0)

@@ -11,6 +11,8 @@ ROUTER_CASES = [
     ("softmax_topk", 3, 0.0),
     ("switch", 1, 1.25),
     ("noisy_topk", 2, 0.0),
+    ("sigmoid_topk", 2, 0.0),
+    ("sigmoid_topk", 3, 1.0),
     ("expert_choice", 2, 1.0),
 ]
 
