@@ -172,7 +172,7 @@ class MoEMLP(nn.Module):
                 self.expert_bias,
             )  # fmt: skip
             if self.expert_bias is not None and self.training:
-                self._update_bias(r["chosen_NE"].sum(0))
+                self._update_bias(r["load_E"])  # hard counts before capacity for every biased router
         routed = (x_ND, self.w_up, self.w_down, r["tok_A"], r["exp_A"], r["gate_A"])
         if self.reference:
             y_ND = dispatch.expert_mlp_ref(*routed)
