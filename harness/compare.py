@@ -66,29 +66,47 @@ def compare(runs: pd.DataFrame, flops: float, n_boot: int = 200, seed: int = 0, 
         fits, why = frontier_fits(kept, n_boot, seed)
     else:
         why = {a: "no compute-frontier fit" for a in set(kept["arch"]) - set(fits)}
+    base = fits.get(baseline)
+    base_ok = base is not None and base.status == F.IDENTIFIED
     rows = []
     for arch, g in kept.groupby("arch", sort=True):
         row = dict(arch=arch, family=str(g["family"].iloc[0]), n_runs=len(g))
+        notes = [why[arch]] if arch in why else []
         f = fits.get(arch)
+        c = g["flops_train"]
+        row["fit_status"] = f.status if f is not None else "not fitted"
+        if f is not None:
+            if f.status != F.IDENTIFIED:
+                notes.append("frontier fit not identified: " + "; ".join(f.reasons))
+                f = None
         if f is not None:
             lo, hi = f.interval(flops, level=level)
-            c = g["flops_train"]
             row.update(loss_pred=float(f.predict(flops)), loss_lo=float(lo), loss_hi=float(hi),
                        extrapolated=bool(flops < c.min() or flops > c.max()))  # fmt: skip
+            if row["extrapolated"]:
+                notes.append(f"extrapolated: runs span {c.min():.3g} to {c.max():.3g} FLOPs")
         near_runs = g[(g["flops_train"] >= flops / near) & (g["flops_train"] <= flops * near)]
         if len(near_runs):
             best = near_runs.sort_values([F.LOSS_COL, "run"], kind="stable").iloc[0]
-            row.update(best_run=best["run"], best_run_loss=float(best[F.LOSS_COL]),
+            label = best["label"] if "label" in best and isinstance(best["label"], str) else best["run"]
+            row.update(best_run=label, best_run_loss=float(best[F.LOSS_COL]),
                        best_run_flops=float(best["flops_train"]))  # fmt: skip
-        if f is not None and baseline in fits:
-            m, mlo, mhi = F.compute_multiplier(f, fits[baseline], flops, level)
+        if f is not None and base_ok:
+            m, mlo, mhi = F.compute_multiplier(f, base, flops, level)
             row.update(multiplier=m, multiplier_lo=mlo, multiplier_hi=mhi)
-        row["note"] = why.get(arch, "")
+            notes += _multiplier_notes(f, base, flops, baseline, m, mlo, mhi)
+        elif f is not None and baseline != arch:
+            notes.append(f"no multiplier: the baseline {baseline} has no identified frontier fit"
+                         if baseline else "no multiplier: no dense baseline among the runs")  # fmt: skip
+        row["note"] = "; ".join(notes)
         rows.append(row)
-    cols = ["arch", "family", "n_runs", "loss_pred", "loss_lo", "loss_hi", "extrapolated", "best_run",
+    cols = ["arch", "family", "n_runs", "fit_status", "loss_pred", "loss_lo", "loss_hi", "extrapolated", "best_run",
             "best_run_loss", "best_run_flops", "multiplier", "multiplier_lo", "multiplier_hi", "note"]  # fmt: skip
     table = pd.DataFrame(rows).reindex(columns=cols)
+    for col in ("multiplier", "multiplier_lo", "multiplier_hi"):  # inf is never shown bare: `note` says why
+        table[col] = table[col].astype(float).where(np.isfinite(table[col].astype(float)))
     table.attrs.update(baseline=baseline, flops=flops, level=level)
+    fits = {a: f for a, f in fits.items() if f.status == F.IDENTIFIED}
     pairs = []
     for a, b in itertools.combinations(sorted(fits), 2):
         d, lo, hi = F.loss_difference(fits[a], fits[b], flops, level)
@@ -133,6 +151,23 @@ def render(table: pd.DataFrame, pairs: pd.DataFrame) -> str:
         f"given compute.\n\n{markdown_table(table)}\n## Distinguishable pairs\n\n"
         f"Loss difference a - b; distinguishable when its {pct}% interval excludes 0.\n\n{markdown_table(pairs)}"
     )
+
+
+def _multiplier_notes(f: F.Fit, base: F.Fit, flops: float, baseline: str, m: float, lo: float,
+                      hi: float) -> list[str]:  # fmt: skip
+    """Why a multiplier or its interval is missing or unbounded."""
+    target = float(f.predict(flops))
+    e_base = float(base.params["E"])
+    if not np.isfinite(m):
+        return [f"no multiplier: {baseline}'s frontier never reaches loss {target:.4g} (its asymptote E = "
+                f"{e_base:.4g})"]  # fmt: skip
+    if np.isnan(lo) or np.isnan(hi):
+        return ["no multiplier interval: no usable bootstrap refits"]
+    if not np.isfinite(hi):
+        return [
+            f"multiplier unbounded above: in some bootstrap refits {baseline}'s frontier never reaches this loss"
+        ]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:

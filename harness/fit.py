@@ -15,6 +15,17 @@
 
 Every fit carries bootstrap refits (`Fit.samples`, resampling runs with replacement from a passed
 `np.random.Generator`) and gives percentile intervals for each parameter and each prediction.
+
+Every fit also says whether its data identify it (`Fit.status`: "ok" or "not identified", with
+`Fit.reasons`), by the checks of `Checks`: too few points for its parameters, a compute span under a
+decade, a parameter at a bound (E at 0, an exponent outside its plausible range, a log-coefficient
+beyond the start grid), too many failed bootstrap refits, an interval spanning an order of magnitude
+or more.
+Coefficients A, B and k are the law's value at N, D or C = 1, many decades outside any data, so their
+intervals are judged where the data are: A N_ref^-alpha, B D_ref^-beta, k C_ref^exponent at the
+geometric means of the data. An IsoFLOP budget gives an optimum only when its parabola is convex and
+its vertex lies inside the sampled sizes (`isoflop_parabolas`, column `why`); other budgets are listed
+and left out of the power laws.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -43,6 +54,7 @@ FRONTIER_GRID = {
     "a": np.array([-2.0, -0.5, 1.0]),
 }
 MIN_POINTS = {"frontier": 3, "envelope": 2, "isoflop": 3, "parametric": 6}
+IDENTIFIED, NOT_IDENTIFIED = "ok", "not identified"
 N_COL = "params_nonembed"
 LOSS_COL = "final_val_loss"
 
@@ -62,6 +74,11 @@ class Fit:
     n_points: int
     model: Callable[..., np.ndarray]
     extra: dict = field(default_factory=dict)
+    reasons: tuple[str, ...] = ()  # why the data do not identify this fit; empty: identified
+
+    @property
+    def status(self) -> str:
+        return NOT_IDENTIFIED if self.reasons else IDENTIFIED
 
     @property
     def params(self) -> dict[str, float]:
@@ -94,7 +111,8 @@ class Fit:
         return pd.DataFrame(
             [
                 dict(param=n, estimate=float(v), lo=ci[n][0], hi=ci[n][1], n_points=self.n_points,
-                     n_boot=n_ok, n_boot_failed=len(self.samples) - n_ok)
+                     n_boot=n_ok, n_boot_failed=len(self.samples) - n_ok, status=self.status,
+                     why="; ".join(self.reasons))
                 for n, v in zip(self.names, self.theta, strict=True)
             ]
         )  # fmt: skip
@@ -108,6 +126,15 @@ class Allocation:
     n_opt: Fit
     d_opt: Fit
     optima: pd.DataFrame
+    missed: pd.DataFrame = field(default_factory=pd.DataFrame)  # IsoFLOP budgets that gave no optimum
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.n_opt.reasons + self.d_opt.reasons))
+
+    @property
+    def status(self) -> str:
+        return NOT_IDENTIFIED if self.reasons else IDENTIFIED
 
     def table(self, level: float = 0.95) -> pd.DataFrame:
         a = self.n_opt.table(level).assign(param=lambda t: "N_opt." + t.param)
@@ -166,6 +193,148 @@ def pareto_frontier(df: pd.DataFrame, x: str = "flops_train", y: str = LOSS_COL)
     d = df.sort_values([x, y], kind="stable")
     best = d[y].cummin().shift(fill_value=np.inf)
     return d[d[y] < best]
+
+
+# --- identification: does the data determine the fit? --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Thresholds of the identification checks (module docstring)."""
+
+    min_decades: float = 1.0  # compute span of the points a fit uses
+    max_boot_failed: float = 0.1  # share of bootstrap refits that may fail
+    max_ci_ratio: float = 10.0  # hi / lo of a positive quantity's interval: one order of magnitude
+    max_exponent_width: float = 1.0  # width of an exponent's interval
+    min_e_share: float = 0.01  # E below this share of the lowest loss sits at its bound 0
+    max_edge_share: float = 0.5  # envelope optima at the smallest or largest model trained
+    level: float = 0.95
+
+
+CHECKS = Checks()
+# Plausible ranges of the fitted exponents and log-coefficients: the start grids' spans, widened by a
+# step. An estimate outside ran off to a bound the optimizer does not have (E -> 0, alpha -> inf).
+FRONTIER_BOUNDS = {"alpha": (0.02, 3.0)}
+PARAMETRIC_BOUNDS = {"alpha": (0.02, 2.5), "beta": (0.02, 2.5), "log A": (-5.0, 30.0), "log B": (-5.0, 30.0)}
+
+
+def _decades(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x) & (x > 0)]
+    return float(np.log10(x.max() / x.min())) if len(x) else 0.0
+
+
+def _span_reason(x: np.ndarray, what: str, checks: Checks) -> list[str]:
+    d = _decades(x)
+    return [f"{what} spans {d:.2g} decades (under {checks.min_decades:g})"] if d < checks.min_decades else []
+
+
+def _few_reason(n: int, n_params: int, what: str) -> list[str]:
+    return [f"too few points: {n} {what} for {n_params} parameters"] if n <= n_params else []
+
+
+def _boot_reason(samples: np.ndarray, checks: Checks) -> list[str]:
+    if not len(samples):
+        return []
+    failed = float(np.mean(~np.all(np.isfinite(samples), axis=1)))
+    return [f"{failed:.0%} of bootstrap refits failed"] if failed > checks.max_boot_failed else []
+
+
+def _ratio_reason(name: str, draws: np.ndarray, checks: Checks) -> list[str]:
+    """A positive quantity whose interval spans an order of magnitude or more (or reaches 0)."""
+    draws = np.asarray(draws, dtype=float)
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        return []
+    q = 50 * (1 - checks.level)
+    lo, hi = np.percentile(draws, [q, 100 - q])
+    if lo <= 0 or hi / lo > checks.max_ci_ratio:
+        span = "reaches 0" if lo <= 0 else f"spans {math.log10(hi / lo):.2g} orders of magnitude"
+        return [f"{name}: {round(100 * checks.level)}% interval [{lo:.3g}, {hi:.3g}] {span}"]
+    return []
+
+
+def _width_reason(name: str, draws: np.ndarray, checks: Checks) -> list[str]:
+    draws = np.asarray(draws, dtype=float)
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        return []
+    q = 50 * (1 - checks.level)
+    lo, hi = np.percentile(draws, [q, 100 - q])
+    if hi - lo > checks.max_exponent_width:
+        return [f"{name}: {round(100 * checks.level)}% interval [{lo:.3g}, {hi:.3g}] is wider than "
+                f"{checks.max_exponent_width:g}"]  # fmt: skip
+    return []
+
+
+def _bound_reason(
+    name: str, value: float, bounds: tuple[float, float], shown: str | None = None
+) -> list[str]:
+    lo, hi = bounds
+    if lo <= value <= hi:
+        return []
+    return [f"{shown or name} = {value:.3g}: {name} outside [{lo:g}, {hi:g}], at a bound of the fit"]
+
+
+def _e_reason(e: float, min_loss: float, checks: Checks) -> list[str]:
+    if e < checks.min_e_share * min_loss:
+        return [f"E = {e:.3g} at its lower bound 0"]
+    return []
+
+
+def frontier_reasons(fit: Fit, c: np.ndarray, loss: np.ndarray, checks: Checks = CHECKS) -> tuple[str, ...]:
+    """Why (C, L) data do not identify E + A C^-alpha; `c`, `loss`: every run the fit drew from."""
+    e, a, al = fit.theta
+    ok = fit._ok()
+    c_ref = float(np.exp(np.mean(np.log(c))))
+    out = _few_reason(fit.n_points, 3, "runs on the compute frontier")
+    out += _span_reason(c, "compute", checks)
+    out += _e_reason(e, float(np.min(loss)), checks)
+    out += _bound_reason("alpha", al, FRONTIER_BOUNDS["alpha"])
+    out += _boot_reason(fit.samples, checks)
+    if len(ok):
+        out += _ratio_reason("E", ok[:, 0], checks)
+        out += _ratio_reason("alpha", ok[:, 2], checks)
+        out += _ratio_reason(f"A C^-alpha at C = {c_ref:.3g}", ok[:, 1] * c_ref ** -ok[:, 2], checks)
+    return tuple(out)
+
+
+def parametric_reasons(fit: Fit, n: np.ndarray, d: np.ndarray, loss: np.ndarray,
+                       checks: Checks = CHECKS) -> tuple[str, ...]:  # fmt: skip
+    """Why (N, D, L) data do not identify E + A/N^alpha + B/D^beta; compute is taken as N D."""
+    e, a, b, al, be = fit.theta
+    ok = fit._ok()
+    n_ref, d_ref = (float(np.exp(np.mean(np.log(v)))) for v in (n, d))
+    out = _few_reason(fit.n_points, 5, "runs")
+    out += _span_reason(np.asarray(n) * np.asarray(d), "compute (N D)", checks)
+    out += _e_reason(e, float(np.min(loss)), checks)
+    out += _bound_reason("alpha", al, PARAMETRIC_BOUNDS["alpha"])
+    out += _bound_reason("beta", be, PARAMETRIC_BOUNDS["beta"])
+    out += _bound_reason("log A", math.log(a), PARAMETRIC_BOUNDS["log A"], f"A = {a:.3g}, log A")
+    out += _bound_reason("log B", math.log(b), PARAMETRIC_BOUNDS["log B"], f"B = {b:.3g}, log B")
+    out += _boot_reason(fit.samples, checks)
+    if len(ok):
+        out += _ratio_reason("E", ok[:, 0], checks)
+        out += _ratio_reason("alpha", ok[:, 3], checks)
+        out += _ratio_reason("beta", ok[:, 4], checks)
+        out += _ratio_reason(f"A N^-alpha at N = {n_ref:.3g}", ok[:, 1] * n_ref ** -ok[:, 3], checks)
+        out += _ratio_reason(f"B D^-beta at D = {d_ref:.3g}", ok[:, 2] * d_ref ** -ok[:, 4], checks)
+    return tuple(out)
+
+
+def power_law_reasons(fit: Fit, c: np.ndarray, what: str, checks: Checks = CHECKS) -> tuple[str, ...]:
+    """Why optima at compute values `c` do not identify `what` = k C^exponent."""
+    k, p = fit.theta
+    ok = fit._ok()
+    c = np.asarray(c, dtype=float)
+    c_ref = float(np.exp(np.mean(np.log(c)))) if len(c) else 1.0
+    out = _few_reason(len(np.unique(c)), 2, f"compute values with an optimum for {what}")
+    out += _span_reason(c, f"{what}: compute of the optima", checks)
+    out += _boot_reason(fit.samples, checks)
+    if len(ok):
+        out += _width_reason(f"{what} exponent", ok[:, 1], checks)
+        out += _ratio_reason(f"{what} at C = {c_ref:.3g}", ok[:, 0] * c_ref ** ok[:, 1], checks)
+    return tuple(out)
 
 
 # --- the log-sum-exp Huber fit (Hoffmann et al. 2022 eq. 10; Besiroglu et al. 2024) ---------------
@@ -261,7 +430,7 @@ def _need(kind: str, n: int, what: str) -> None:
 
 
 def fit_frontier(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200, x: str = "flops_train",
-                 y: str = LOSS_COL, delta: float = HUBER_DELTA) -> Fit:  # fmt: skip
+                 y: str = LOSS_COL, delta: float = HUBER_DELTA, checks: Checks = CHECKS) -> Fit:  # fmt: skip
     """L(C) = E + A C^-alpha on the Pareto frontier of (C, L); resamples redraw runs and redo the frontier."""
     c_all, l_all = runs[x].to_numpy(float), runs[y].to_numpy(float)
     log_ref = float(np.mean(np.log(c_all))) if len(c_all) else 0.0
@@ -284,14 +453,16 @@ def fit_frontier(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200
     x0 = np.array([math.log(theta[0]), math.log(theta[1]) - theta[2] * log_ref, theta[2]])
     samples = _bootstrap(len(c_all), n_boot, rng, lambda i: fit(i, x0), 3)
     n_front = len(pareto_frontier(runs, x, y))
-    return Fit("frontier", ("E", "A", "alpha"), theta, samples, n_front, frontier_loss)
+    f = Fit("frontier", ("E", "A", "alpha"), theta, samples, n_front, frontier_loss)
+    return replace(f, reasons=frontier_reasons(f, c_all, l_all, checks))
 
 
 # --- approach 3: parametric L(N, D) --------------------------------------------------------------
 
 
 def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, rng: np.random.Generator, n_boot: int = 200,
-                   grid: dict[str, np.ndarray] | None = None, delta: float = HUBER_DELTA) -> Fit:  # fmt: skip
+                   grid: dict[str, np.ndarray] | None = None, delta: float = HUBER_DELTA,
+                   checks: Checks = CHECKS) -> Fit:  # fmt: skip
     """Approach 3 (module docstring). Returns theta = (E, A, B, alpha, beta)."""
     n, d, loss = (np.asarray(v, dtype=float) for v in (n, d, loss))
     _need("parametric", len(n), "runs")
@@ -314,8 +485,9 @@ def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, rng: np.rando
             return public(_lse_fit(feats[idx], log_l[idx], best[None], delta, TIGHT)[0])
 
     samples = _bootstrap(len(n), n_boot, rng, refit, 5)
-    return Fit("parametric", ("E", "A", "B", "alpha", "beta"), public(best), samples, len(n), parametric_loss,
-               extra={"objective": obj, "n_starts": len(starts)})  # fmt: skip
+    f = Fit("parametric", ("E", "A", "B", "alpha", "beta"), public(best), samples, len(n), parametric_loss,
+            extra={"objective": obj, "n_starts": len(starts)})  # fmt: skip
+    return replace(f, reasons=parametric_reasons(f, n, d, loss, checks))
 
 
 def parametric_allocation(fit: Fit, flops_per_nd: float = 6.0) -> Allocation:
@@ -332,7 +504,9 @@ def parametric_allocation(fit: Fit, flops_per_nd: float = 6.0) -> Allocation:
 
     (tn,), (td,) = (v for v in derive(fit.theta[None]))
     sn, sd = derive(fit.samples)
-    mk = lambda th, s: Fit("parametric", ("k", "exponent"), th, s, fit.n_points, power_law)
+    mk = lambda th, s: Fit(
+        "parametric", ("k", "exponent"), th, s, fit.n_points, power_law, reasons=fit.reasons
+    )
     return Allocation("parametric", mk(tn, sn), mk(td, sd), pd.DataFrame())
 
 
@@ -349,7 +523,8 @@ def _power_fit(c: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _allocation(kind: str, optima_fn: Callable[[np.ndarray], pd.DataFrame], n_rows: int, n_boot: int,
-                rng: np.random.Generator, strata: np.ndarray | None = None) -> Allocation:  # fmt: skip
+                rng: np.random.Generator, strata: np.ndarray | None = None, checks: Checks = CHECKS,
+                extra_reasons: tuple[str, ...] = ()) -> Allocation:  # fmt: skip
     def fit(idx: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
         o = optima_fn(idx)
         c = o["flops"].to_numpy(float)
@@ -359,12 +534,18 @@ def _allocation(kind: str, optima_fn: Callable[[np.ndarray], pd.DataFrame], n_ro
 
     optima, theta = fit(np.arange(n_rows))
     samples = _bootstrap(n_rows, n_boot, rng, lambda i: fit(i)[1], 4, strata)
-    mk = lambda sl: Fit(kind, ("k", "exponent"), theta[sl], samples[:, sl], len(optima), power_law)
-    return Allocation(kind, mk(slice(0, 2)), mk(slice(2, 4)), optima)
+    c = optima["flops"].to_numpy(float)
+
+    def mk(sl: slice, what: str) -> Fit:
+        f = Fit(kind, ("k", "exponent"), theta[sl], samples[:, sl], len(optima), power_law)
+        return replace(f, reasons=extra_reasons + power_law_reasons(f, c, what, checks))
+
+    return Allocation(kind, mk(slice(0, 2), "N_opt"), mk(slice(2, 4), "D_opt"), optima)
 
 
 def fit_envelope(curves: pd.DataFrame, runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200,
-                 n_grid: int = 50, loss_col: str = "val_loss", n_col: str = N_COL) -> Allocation:  # fmt: skip
+                 n_grid: int = 50, loss_col: str = "val_loss", n_col: str = N_COL,
+                 checks: Checks = CHECKS) -> Allocation:  # fmt: skip
     """Approach 1: on `n_grid` log-spaced compute values the run with the lowest (log-C-interpolated)
     loss gives N_opt(C) (its size) and D_opt(C) (its tokens at C). Resamples redraw whole runs."""
     keys = runs[["sweep", "run", n_col]].rename(columns={n_col: "N"})
@@ -397,36 +578,62 @@ def fit_envelope(curves: pd.DataFrame, runs: pd.DataFrame, rng: np.random.Genera
             raise FitError("envelope fit needs two or more runs on the lower envelope of the training curves")
         return o
 
-    return _allocation("envelope", optima, len(per_run), n_boot, rng)
+    sizes = np.array([r[3] for r in per_run])
+    at_edge = float(np.isin(optima(np.arange(len(per_run)))["N_opt"], [sizes.min(), sizes.max()]).mean())
+    edge = (
+        [
+            f"the envelope's optimum is the smallest or largest model trained at {at_edge:.0%} of compute values"
+        ]
+        if at_edge > checks.max_edge_share
+        else []
+    )
+    return _allocation(
+        "envelope", optima, len(per_run), n_boot, rng, checks=checks, extra_reasons=tuple(edge)
+    )
 
 
 def isoflop_parabolas(runs: pd.DataFrame, budget_col: str = "flops_budget", n_col: str = N_COL,
                       loss_col: str = LOSS_COL) -> pd.DataFrame:  # fmt: skip
-    """One row per budget: parabola coefficients of L in log N and in log D (highest power first) and
-    the vertices. `ok` is False where the parabola opens downward or there are too few sizes."""
+    """One row per budget: parabola coefficients of L in log N and in log D (highest power first), the
+    vertices, the sampled range and whether the budget gives an optimum. `ok` is True only when both
+    parabolas are convex and both vertices lie strictly inside the sampled sizes and token counts;
+    `why` says otherwise (too few sizes, not convex, optimum below or above the sampled sizes)."""
     rows = []
     for budget, g in runs[np.isfinite(runs[budget_col])].groupby(budget_col, sort=True):
-        row = dict(flops=float(budget), n_runs=len(g), ok=False)
+        row = dict(
+            flops=float(budget), n_runs=len(g), N_min=float(g[n_col].min()), N_max=float(g[n_col].max())
+        )
+        why = []
         for col, name in ((n_col, "N"), ("tokens", "D")):
             x, y = np.log(g[col].to_numpy(float)), g[loss_col].to_numpy(float)
+            row.update({f"{name}_opt": math.nan, f"{name}_coef": None})
             if len(np.unique(x)) < MIN_POINTS["isoflop"]:
-                row.update({f"{name}_opt": math.nan, f"{name}_coef": None})
-                continue
+                why.append(f"{len(np.unique(x))} sizes (a parabola needs {MIN_POINTS['isoflop']})")
+                break
             p = np.polyfit(x, y, 2)
             row[f"{name}_coef"] = p
-            with np.errstate(over="ignore", divide="ignore"):  # a nearly flat parabola: no usable vertex
-                row[f"{name}_opt"] = float(np.exp(-p[1] / (2 * p[0]))) if p[0] > 0 else math.nan
-        row["ok"] = bool(np.isfinite(row["N_opt"]) and np.isfinite(row["D_opt"]))
-        if row["ok"]:
-            p = row["N_coef"]
-            row["L_opt"] = float(np.polyval(p, math.log(row["N_opt"])))
+            if not p[0] > 0:
+                why.append(f"the parabola in log {name} is not convex (curvature {p[0]:.3g})")
+                continue
+            with np.errstate(over="ignore", divide="ignore"):
+                v = float(np.exp(-p[1] / (2 * p[0])))
+            row[f"{name}_opt"] = v
+            lo, hi = float(np.exp(x.min())), float(np.exp(x.max()))
+            if not lo < v < hi:
+                side = "below the smallest" if v <= lo else "above the largest"
+                what = "model size" if name == "N" else "token count"
+                why.append(f"optimum {name} = {v:.3g} {side} {what} sampled ({lo if v <= lo else hi:.3g})")
+        row["ok"] = not why
+        row["why"] = "; ".join(dict.fromkeys(why))
+        row["L_opt"] = (float(np.polyval(row["N_coef"], math.log(row["N_opt"])))
+                        if np.isfinite(row["N_opt"]) else math.nan)  # fmt: skip
         rows.append(row)
-    cols = ["flops", "n_runs", "ok", "N_opt", "D_opt", "L_opt", "N_coef", "D_coef"]
+    cols = ["flops", "n_runs", "ok", "why", "N_opt", "D_opt", "L_opt", "N_min", "N_max", "N_coef", "D_coef"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
 def fit_isoflop(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200, budget_col: str = "flops_budget",
-                n_col: str = N_COL, loss_col: str = LOSS_COL) -> Allocation:  # fmt: skip
+                n_col: str = N_COL, loss_col: str = LOSS_COL, checks: Checks = CHECKS) -> Allocation:  # fmt: skip
     """Approach 2: parabola vertices per budget, then power laws over budgets. Resamples redraw runs
     within each budget, so every budget keeps its size."""
     r = runs[np.isfinite(runs[budget_col].astype(float))].reset_index(drop=True)
@@ -438,11 +645,16 @@ def fit_isoflop(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200,
         o = o[o["ok"]]
         if len(o) < 2:
             raise FitError(
-                "IsoFLOP fit needs two or more budgets, each with three or more model sizes and a convex parabola"
+                "IsoFLOP fit needs two or more budgets whose parabola is convex with its optimum inside the "
+                "sampled sizes"
             )
         return o.reset_index(drop=True)
 
-    return _allocation("isoflop", optima, len(r), n_boot, rng, strata=r[budget_col].to_numpy(float))
+    alloc = _allocation("isoflop", optima, len(r), n_boot, rng, strata=r[budget_col].to_numpy(float),
+                        checks=checks)  # fmt: skip
+    missed = isoflop_parabolas(r, budget_col, n_col, loss_col)
+    missed = missed[~missed["ok"]]
+    return replace(alloc, missed=missed.drop(columns=["N_coef", "D_coef"]).reset_index(drop=True))
 
 
 # --- comparisons at fixed compute ----------------------------------------------------------------

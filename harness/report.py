@@ -86,17 +86,19 @@ def _grid_name(grid: dict | None) -> str:
     )
 
 
+FIT_COLS = ["arch", "approach", "status", "param", "estimate", "lo", "hi", "n_points", "n_boot", "n_boot_failed",
+            "why"]  # fmt: skip
+
+
 def fits_table(fits: Fits, level: float) -> pd.DataFrame:
     frames = []
     for name in ("frontier", "envelope", "isoflop", "parametric"):
         for arch, f in getattr(fits, name).items():
             frames.append(f.table(level).assign(arch=arch, approach=name))
     if not frames:
-        return pd.DataFrame(
-            columns=["arch", "approach", "param", "estimate", "lo", "hi", "n_points", "n_boot"]
-        )
+        return pd.DataFrame(columns=FIT_COLS)
     t = pd.concat(frames, ignore_index=True)
-    cols = ["arch", "approach", "param", "estimate", "lo", "hi", "n_points", "n_boot", "n_boot_failed"]
+    cols = FIT_COLS
     return t[cols].sort_values(["arch", "approach"], kind="stable").reset_index(drop=True)
 
 
@@ -125,116 +127,184 @@ def _loss_ylim(ax: plt.Axes, losses: pd.Series) -> None:
     ax.set_ylim(lo - pad, hi + pad)
 
 
+def _legend_outside(ax: plt.Axes, **kw) -> None:
+    """Legend to the right of the axes, never over the data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8, **kw)
+
+
+def _panels(n: int, ncols: int = 4, w: float = 4.2, h: float = 3.4, rows_per: int = 1):
+    """A grid of `n` panel groups, `rows_per` rows each; unused axes hidden."""
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols) * rows_per
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
+    groups = []
+    for i in range(-(-n // ncols) * ncols):
+        r, c = divmod(i, ncols)
+        cell = [axes[r * rows_per + k, c] for k in range(rows_per)]
+        if i < n:
+            groups.append(cell)
+        else:
+            for ax in cell:
+                ax.set_visible(False)
+    return fig, groups
+
+
 def _pareto_step(ax: plt.Axes, runs: pd.DataFrame, x: str) -> None:
     front = F.pareto_frontier(runs, x=x)
     ax.step(front[x], front[F.LOSS_COL], where="post", color="black", ls="--", lw=1, label="Pareto frontier")
 
 
 def plot_loss_vs_compute(kept: pd.DataFrame, fits: Fits, colors: dict, level: float) -> bytes:
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    sns.scatterplot(data=kept, x="flops_train", y=F.LOSS_COL, hue="arch", palette=colors, ax=ax, s=40)
-    for arch, f in fits.frontier.items():
-        c = _cgrid(kept.loc[kept["arch"] == arch, "flops_train"])
-        lo, hi = f.interval(c, level=level)
-        ax.plot(c, f.predict(c), color=colors[arch], lw=1.5)
-        ax.fill_between(c, lo, hi, color=colors[arch], alpha=0.15, lw=0)
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for arch, g in kept.groupby("arch", sort=True):
+        f = fits.frontier.get(arch)
+        ok = f is not None and f.status == F.IDENTIFIED
+        label = arch if ok else f"{arch} (no identified fit)"
+        ax.scatter(g["flops_train"], g[F.LOSS_COL], color=colors[arch], s=28, label=label,
+                   marker="o" if ok else "x", alpha=0.9)  # fmt: skip
+        if ok:
+            c = _cgrid(g["flops_train"])
+            lo, hi = f.interval(c, level=level)
+            ax.plot(c, f.predict(c), color=colors[arch], lw=1.5)
+            ax.fill_between(c, lo, hi, color=colors[arch], alpha=0.15, lw=0)
     _pareto_step(ax, kept, "flops_train")
     ax.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="final validation loss (nats/token)",
-           title=f"Loss vs compute: fits L = E + A C^-alpha, {round(100 * level)}% bands")  # fmt: skip
+           title=f"Loss vs compute: identified fits L = E + A C^-alpha, {round(100 * level)}% bands")  # fmt: skip
     _loss_ylim(ax, kept[F.LOSS_COL])
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return _png(fig)
 
 
 def plot_wallclock(kept: pd.DataFrame, colors: dict) -> bytes:
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
     d = kept[np.isfinite(kept["wall_s"]) & (kept["wall_s"] > 0)]
     sns.scatterplot(data=d, x="wall_s", y=F.LOSS_COL, hue="arch", palette=colors, ax=ax, s=40)
     if len(d):
         _pareto_step(ax, d, "wall_s")
     ax.set(xscale="log", xlabel="wall-clock training time (s)", ylabel="final validation loss (nats/token)",
            title="Loss vs wall-clock (hardware-dependent Pareto view)")  # fmt: skip
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return _png(fig)
 
 
 def plot_curves(curves: pd.DataFrame, colors: dict) -> bytes:
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
     d = curves[np.isfinite(curves["val_loss"]) & (curves["flops_train"] > 0)]
     for (arch, _run), g in d.groupby(["arch", "run"], sort=True):
         ax.plot(g["flops_train"], g["val_loss"], color=colors.get(arch, "grey"), lw=1, alpha=0.8)
     for arch in sorted(set(d["arch"])):
         ax.plot([], [], color=colors.get(arch, "grey"), label=arch)
     ax.set(xscale="log", xlabel="training compute so far (FLOPs)", ylabel="validation loss (nats/token)",
-           title="Training curves (validation loss)")  # fmt: skip
-    ax.legend(fontsize=8)
+           title="Training curves (validation loss, one line per run)")  # fmt: skip
+    _legend_outside(ax)
     return _png(fig)
 
 
-def plot_isoflop(kept: pd.DataFrame, fits: Fits) -> bytes | None:
-    archs = [a for a, g in kept.groupby("arch", sort=True) if np.isfinite(g["flops_budget"]).any()]
+def plot_isoflop(kept: pd.DataFrame, parabolas: dict[str, pd.DataFrame]) -> bytes | None:
+    """One panel per arch: loss against N per budget, the parabola, and its optimum when the grid brackets it."""
+    archs = [a for a in sorted(parabolas) if len(parabolas[a])]
     if not archs:
         return None
-    ncols = min(4, len(archs))
-    nrows = -(-len(archs) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
-    for ax in axes.flat[len(archs) :]:
-        ax.set_visible(False)
-    for ax, arch in zip(axes.flat, archs, strict=False):
+    budgets = sorted({float(b) for a in archs for b in parabolas[a]["flops"]})
+    cols = dict(zip(budgets, sns.color_palette("viridis", len(budgets)), strict=True))
+    fig, groups = _panels(len(archs))
+    for (ax,), arch in zip(groups, archs, strict=True):
         g = kept[(kept["arch"] == arch) & np.isfinite(kept["flops_budget"])]
-        budgets = sorted(set(g["flops_budget"]))
-        cols = dict(zip(budgets, sns.color_palette("viridis", len(budgets)), strict=True))
-        par = F.isoflop_parabolas(g)
-        for b in budgets:
-            gb = g[g["flops_budget"] == b]
-            ax.scatter(gb[F.N_COL], gb[F.LOSS_COL], color=cols[b], s=30, label=f"{b:.2g} FLOPs")
-            row = par[par["flops"] == b]
-            if (
-                len(row)
-                and row["N_coef"].iloc[0] is not None
-                and isinstance(row["N_coef"].iloc[0], np.ndarray)
-            ):
-                x = np.linspace(np.log(gb[F.N_COL].min()), np.log(gb[F.N_COL].max()), 60)
-                ax.plot(np.exp(x), np.polyval(row["N_coef"].iloc[0], x), color=cols[b], lw=1)
-                if bool(row["ok"].iloc[0]):
-                    ax.scatter([row["N_opt"].iloc[0]], [row["L_opt"].iloc[0]], marker="*", s=160,
-                               color=cols[b], edgecolor="black", zorder=5)  # fmt: skip
-        ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="final validation loss (nats/token)",
-               title=f"IsoFLOP: {arch}")  # fmt: skip
-        ax.legend(fontsize=7, title="budget (star: optimum)", title_fontsize=7)
+        par = parabolas[arch]
+        for row in par.itertuples():
+            gb = g[g["flops_budget"] == row.flops]
+            col = cols[float(row.flops)]
+            ax.scatter(gb[F.N_COL], gb[F.LOSS_COL], color=col, s=22)
+            if not isinstance(row.N_coef, np.ndarray):
+                continue
+            x = np.linspace(np.log(row.N_min), np.log(row.N_max), 60)
+            convex = row.N_coef[0] > 0
+            ax.plot(np.exp(x), np.polyval(row.N_coef, x), color=col, lw=1, ls="-" if convex else ":")
+            if row.ok:
+                ax.scatter(
+                    [row.N_opt], [row.L_opt], marker="*", s=150, color=col, edgecolor="black", zorder=5
+                )
+            elif convex and np.isfinite(row.N_opt):  # optimum beyond the grid: mark the edge it lies past
+                below = row.N_opt <= row.N_min
+                edge = row.N_min if below else row.N_max
+                ax.scatter([edge], [np.polyval(row.N_coef, math.log(edge))], marker="<" if below else ">", s=70,
+                           facecolor="none", edgecolor=col, lw=1.5, zorder=5)  # fmt: skip
+        ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="final val loss (nats/token)",
+               title=f"{arch}: {int(par['ok'].sum())}/{len(par)} budgets bracket the optimum")  # fmt: skip
+    handles = [
+        plt.Line2D([], [], color=cols[b], marker="o", lw=1, label=f"C = {b:.2g} FLOPs") for b in budgets
+    ]
+    handles += [
+        plt.Line2D([], [], color="grey", marker="*", ms=11, mec="black", lw=0, label="optimum inside the grid"),
+        plt.Line2D([], [], color="grey", marker=">", ms=8, mfc="none", lw=0,
+                   label="optimum beyond this edge (not used)"),
+        plt.Line2D([], [], color="grey", ls=":", label="parabola not convex (not used)"),
+    ]  # fmt: skip
     fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)),
+               fontsize=8, frameon=False)  # fmt: skip
     return _png(fig)
 
 
-def plot_allocation(kept: pd.DataFrame, fits: Fits, colors: dict, level: float) -> bytes | None:
-    if not (fits.envelope or fits.isoflop or fits.parametric):
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"envelope": ("o", "-"), "isoflop": ("s", "--"), "parametric": (None, ":")}
-    for name in ("envelope", "isoflop", "parametric"):
-        allocs = getattr(fits, name)
-        for arch in sorted(allocs):
-            a = allocs[arch]
+APPROACH_STYLE = {  # (label, color, marker, line style)
+    "envelope": ("approach 1: training-curve envelope", "tab:blue", "o", "-"),
+    "isoflop": ("approach 2: IsoFLOP optima", "tab:orange", "s", "--"),
+    "parametric": ("approach 3: parametric L(N, D)", "tab:green", None, ":"),
+}
+
+
+def allocations(kept: pd.DataFrame, fits: Fits) -> dict[str, dict[str, F.Allocation]]:
+    """arch -> approach -> allocation; approach 3's from its L(N, D) with this arch's measured C / (N D)."""
+    out: dict[str, dict[str, F.Allocation]] = {}
+    for name in APPROACH_STYLE:
+        for arch, a in getattr(fits, name).items():
             if name == "parametric":
                 g = kept[kept["arch"] == arch]
                 a = F.parametric_allocation(
                     a, float((g["flops_train"] / (g[F.N_COL] * g["tokens"])).median())
                 )
-            c = _cgrid(kept.loc[kept["arch"] == arch, "flops_train"])
-            marker, ls = styles[name]
-            for ax, f, col in ((axes[0], a.n_opt, "N_opt"), (axes[1], a.d_opt, "D_opt")):
+            out.setdefault(arch, {})[name] = a
+    return out
+
+
+def plot_allocation(
+    kept: pd.DataFrame, allocs: dict[str, dict[str, F.Allocation]], level: float
+) -> bytes | None:
+    """Per arch a column of two panels (N_opt, D_opt against C); a fit that is not identified shows its
+    optima (hollow) and no line."""
+    archs = sorted(allocs)
+    if not archs:
+        return None
+    fig, groups = _panels(len(archs), w=4.0, h=3.0, rows_per=2)
+    for (ax_n, ax_d), arch in zip(groups, archs, strict=True):
+        c = _cgrid(kept.loc[kept["arch"] == arch, "flops_train"])
+        shown, missing = [], []
+        for name, a in allocs[arch].items():
+            label, color, marker, ls = APPROACH_STYLE[name]
+            ok = a.status == F.IDENTIFIED
+            for ax, f, col in ((ax_n, a.n_opt, "N_opt"), (ax_d, a.d_opt, "D_opt")):
                 if marker and len(a.optima):
-                    ax.scatter(a.optima["flops"], a.optima[col], marker=marker, color=colors[arch], s=18)
-                lo, hi = f.interval(c, level=level)
-                ax.plot(c, f.predict(c), ls=ls, color=colors[arch], lw=1.3,
-                        label=f"{arch} {name}: C^{f.theta[1]:.2f}")  # fmt: skip
-                ax.fill_between(c, lo, hi, color=colors[arch], alpha=0.1, lw=0)
-    axes[0].set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="N_opt (parameters)",
-                title="Compute-optimal model size")  # fmt: skip
-    axes[1].set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="D_opt (tokens)",
-                title="Compute-optimal tokens")  # fmt: skip
-    for ax in axes:
-        ax.legend(fontsize=7)
+                    ax.scatter(a.optima["flops"], a.optima[col], marker=marker, s=18, lw=1,
+                               facecolor=color if ok else "none", edgecolor=color)  # fmt: skip
+                if ok:
+                    lo, hi = f.interval(c, level=level)
+                    ax.plot(c, f.predict(c), ls=ls, color=color, lw=1.5)
+                    ax.fill_between(c, lo, hi, color=color, alpha=0.12, lw=0)
+            (shown if ok else missing).append(f"{name}: N ~ C^{a.n_opt.theta[1]:.2f}" if ok else name)
+        note = "\n".join(shown + ([f"not identified: {', '.join(missing)}"] if missing else []))
+        ax_n.text(0.02, 0.98, note, transform=ax_n.transAxes, va="top", fontsize=7,
+                  bbox=dict(facecolor="white", alpha=0.8, lw=0))  # fmt: skip
+        ax_n.set(xscale="log", yscale="log", ylabel="N_opt (parameters)", title=arch)
+        ax_d.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="D_opt (tokens)")
+    handles = [
+        plt.Line2D([], [], color=c_, marker=m, ls=ls, label=lab) for lab, c_, m, ls in APPROACH_STYLE.values()
+    ]
+    handles.append(plt.Line2D([], [], color="grey", marker="o", mfc="none", lw=0,
+                              label="hollow: optima of a fit that is not identified (no line)"))  # fmt: skip
+    fig.tight_layout()
+    fig.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False
+    )
     return _png(fig)
 
 
@@ -255,11 +325,16 @@ def expert_loads(curves: pd.DataFrame) -> dict[str, np.ndarray]:
     return out
 
 
-def plot_moe_load(loads: dict[str, np.ndarray], max_panels: int = 6) -> bytes | None:
-    """One heatmap per MoE arch, from its last run by name (run names carry size and budget)."""
+def plot_moe_load(loads: dict[str, np.ndarray], runs: pd.DataFrame | None = None,
+                  max_panels: int = 6) -> bytes | None:  # fmt: skip
+    """One heatmap per MoE arch, from its run with the most training compute (`runs`: the run table,
+    for compute and labels; without it, the last run by name)."""
+    info = {}
+    if runs is not None and len(runs):
+        info = {f"{r.arch}/{r.run}": (float(r.flops_train), str(r.label)) for r in runs.itertuples()}
     per_arch: dict[str, tuple[str, np.ndarray]] = {}
-    for name, m in loads.items():
-        per_arch[name.split("/", 1)[0]] = (name, m)
+    for name in sorted(loads, key=lambda k: (info.get(k, (0.0, ""))[0], k)):
+        per_arch[name.split("/", 1)[0]] = (name, loads[name])
     panels = [per_arch[a] for a in sorted(per_arch)][:max_panels]
     if not panels:
         return None
@@ -272,14 +347,48 @@ def plot_moe_load(loads: dict[str, np.ndarray], max_panels: int = 6) -> bytes | 
         ax.set_yticks(range(m.shape[0]))
         ax.grid(False)
         arch, run = name.split("/", 1)
+        run = info.get(name, (0.0, run))[1]
         uniform = float(m.sum(1).mean()) / m.shape[1]  # each row sums to the experts chosen per token
         ax.set(xlabel="expert", ylabel="MoE layer", title=f"{arch} (uniform load = {uniform:.3g})")
-        ax.text(0.5, -0.28, run if len(run) <= 70 else run[:67] + "...", transform=ax.transAxes,
+        ax.text(0.5, -0.22, run if len(run) <= 70 else run[:67] + "...", transform=ax.transAxes,
                 ha="center", fontsize=6, color="dimgrey")  # fmt: skip
     return _png(fig)
 
 
 # --- the report ----------------------------------------------------------------------------------
+
+
+def isoflop_by_arch(kept: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per arch with budgeted runs: every budget's parabola, optimum and whether its grid brackets it."""
+    out = {}
+    for arch, g in kept.groupby("arch", sort=True):
+        g = g[np.isfinite(g["flops_budget"].astype(float))]
+        if len(g):
+            out[str(arch)] = F.isoflop_parabolas(g)
+    return out
+
+
+def fit_status(fits: Fits) -> pd.DataFrame:
+    """One row per fit made: arch, approach, status, reasons."""
+    rows = [dict(arch=arch, approach=name, status=f.status, why="; ".join(f.reasons))
+            for name in ("frontier", "envelope", "isoflop", "parametric")
+            for arch, f in sorted(getattr(fits, name).items())]  # fmt: skip
+    rows += [dict(arch=arch, approach=name, status="not fitted", why=why) for arch, name, why in fits.notes]
+    t = pd.DataFrame(rows, columns=["arch", "approach", "status", "why"])
+    return t.sort_values(["arch", "approach"], kind="stable").reset_index(drop=True)
+
+
+def _count_ok(fits: dict) -> str:
+    ok = sorted(a for a, f in fits.items() if f.status == F.IDENTIFIED)
+    return f"the {len(ok)} architectures whose fit is identified" + (f" ({', '.join(ok)})" if ok else "")
+
+
+def _alloc_summary(allocs: dict[str, dict[str, F.Allocation]]) -> str:
+    parts = []
+    for arch in sorted(allocs):
+        ok = [n for n, a in allocs[arch].items() if a.status == F.IDENTIFIED]
+        parts.append(f"{arch}: {', '.join(ok) if ok else 'none'}")
+    return "; ".join(parts) if parts else "none"
 
 
 def build_report(results: str | Path, out: str | Path | None = None, n_boot: int = 200, seed: int = 0,
@@ -323,9 +432,17 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
     files["excluded.csv"] = to_csv(excl)
     ft = fits_table(fits, level)
     files["fits.csv"] = to_csv(ft)
-    iso = pd.concat([a.optima.drop(columns=["N_coef", "D_coef"]).assign(arch=k) for k, a in fits.isoflop.items()]
+    status = fit_status(fits)
+    parabolas = isoflop_by_arch(kept)
+    iso = pd.concat([p.drop(columns=["N_coef", "D_coef"]).assign(arch=k) for k, p in parabolas.items()]
                     or [pd.DataFrame(columns=["arch"])], ignore_index=True)  # fmt: skip
+    iso = iso.reindex(
+        columns=["arch", "flops", "n_runs", "ok", "why", "N_opt", "D_opt", "L_opt", "N_min", "N_max"]
+    )
     files["isoflop_optima.csv"] = to_csv(iso)
+    missed = iso[~iso["ok"].astype(bool)].rename(columns={"flops": "budget"})[
+        ["arch", "budget", "n_runs", "why"]
+    ]
     env = pd.concat([a.optima.assign(arch=k) for k, a in fits.envelope.items()] or [pd.DataFrame(columns=["arch"])],
                     ignore_index=True)  # fmt: skip
     files["allocation_optima.csv"] = to_csv(env)
@@ -335,42 +452,62 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
                   else (pd.DataFrame(), pd.DataFrame()))  # fmt: skip
     files["compare.csv"] = to_csv(cmp)
     files["compare_pairs.csv"] = to_csv(pairs)
+    allocs = allocations(kept, fits)
 
     plots = {
         "loss_vs_compute.png": (plot_loss_vs_compute(kept, fits, colors, level) if len(kept) else None),
-        "isoflop.png": plot_isoflop(kept, fits),
-        "optimal_allocation.png": plot_allocation(kept, fits, colors, level),
+        "isoflop.png": plot_isoflop(kept, parabolas),
+        "optimal_allocation.png": plot_allocation(kept, allocs, level),
         "training_curves.png": plot_curves(curves, colors) if len(curves) else None,
         "loss_vs_wallclock.png": plot_wallclock(kept, colors) if len(kept) else None,
-        "moe_load.png": plot_moe_load(expert_loads(curves)) if len(curves) else None,
+        "moe_load.png": plot_moe_load(expert_loads(curves), kept) if len(curves) else None,
     }
     files.update({k: v for k, v in plots.items() if v is not None})
 
     pct = round(100 * level)
+    span = F._decades(kept["flops_train"].to_numpy(float)) if len(kept) else 0.0
+    n_iso = len(iso)
     sections: list[tuple[str, str, pd.DataFrame | None, str | None]] = [
         ("Runs", f"{len(runs)} runs found, {len(kept)} used in fits, {len(excluded)} excluded "
-         f"(failed, diverged, incomplete or not comparable). Table: runs.csv.", None, None),
+         f"(failed, diverged, incomplete or not comparable). Training compute spans {span:.2f} decades "
+         f"({kept['flops_train'].min():.3g} to {kept['flops_train'].max():.3g} FLOPs). Table: runs.csv." if len(kept)
+         else f"{len(runs)} runs found, none usable in fits.", None, None),
         ("Excluded runs", "", excl, None),
-        ("Loss vs compute", f"Final validation loss against training FLOPs; lines are L(C) = E + A C^-alpha fitted "
-         f"on each architecture's compute frontier with {pct}% bootstrap bands ({n_boot} resamples); dashed: the "
-         "Pareto frontier over all runs.", None, "loss_vs_compute.png"),
-        ("Training curves", "Validation loss against cumulative training FLOPs.", None, "training_curves.png"),
-        ("IsoFLOP curves", "Loss against model size per budget, with parabola fits in log N (approach 2).", None,
-         "isoflop.png"),
-        ("Compute-optimal allocation", "N_opt and D_opt against compute from approach 1 (training-curve envelope), "
-         "approach 2 (IsoFLOP optima) and approach 3 (parametric fit, C = k N D with k measured).", None,
-         "optimal_allocation.png"),
+        ("Which fits the data identify", "A fit is `ok` when its data determine it, and `not identified` otherwise, "
+         "with the reasons (too few points, a compute span under a decade, a parameter at a bound, failed bootstrap "
+         "refits, an interval spanning an order of magnitude, an optimum outside the sampled sizes). Plots draw "
+         "only identified fits; the others are listed here and in fits.csv.", status, None),
+        ("Loss vs compute", f"Final validation loss against training FLOPs, one point per run. Lines: L(C) = E + A "
+         f"C^-alpha on each architecture's compute frontier with {pct}% bootstrap bands ({n_boot} resamples), drawn "
+         f"for {_count_ok(fits.frontier)}; an architecture without an identified fit is drawn as crosses. Dashed: "
+         "the Pareto frontier over all runs. Each point is one run with one seed.", None, "loss_vs_compute.png"),
+        ("Training curves", "Validation loss against cumulative training FLOPs, one line per run.", None,
+         "training_curves.png"),
+        ("IsoFLOP curves", f"Loss against model size at each compute budget, one panel per architecture, with a "
+         f"parabola in log N (approach 2). {int(iso['ok'].sum())} of {n_iso} (architecture, budget) grids bracket "
+         "their optimum (star); an optimum beyond the sampled sizes (open triangle) or a parabola that is not convex "
+         "(dotted) is an extrapolation and is left out of the allocation fit.", None, "isoflop.png"),
+        ("IsoFLOP grids that missed their optimum", "These budgets need more model sizes on the side the triangle "
+         "points to; `harness-plan --extend RESULTS` writes the runs that would bracket them." if len(missed)
+         else "Every grid brackets its optimum.", missed if len(missed) else None, None),
+        ("Compute-optimal allocation", "N_opt and D_opt against compute per architecture: approach 1 "
+         "(training-curve envelope), approach 2 (IsoFLOP optima) and approach 3 (parametric fit, C = k N D with k "
+         f"measured), with {pct}% bands. Lines are drawn for identified fits only: "
+         f"{_alloc_summary(allocs)}.", None, "optimal_allocation.png"),
         ("Loss vs wall-clock", "A second Pareto view; wall-clock depends on the hardware each run used.", None,
          "loss_vs_wallclock.png"),
-        ("MoE expert load", "Fraction of tokens per expert and MoE layer, last logged step.", None, "moe_load.png"),
-        ("Fitted parameters", f"Estimates with {pct}% percentile-bootstrap intervals. frontier: L(C) = E + A C^-alpha; "
-         "envelope/isoflop: N_opt = k C^exponent and D_opt likewise; parametric: L = E + A/N^alpha + B/D^beta "
-         f"(Huber 1e-3 on log residuals, L-BFGS-B from {_grid_name(grid)}).", ft, None),
+        ("MoE expert load", "Fraction of tokens per expert and MoE layer at the last logged step of each MoE "
+         "architecture's largest-compute run.", None, "moe_load.png"),
+        ("Fitted parameters", f"Estimates with {pct}% percentile-bootstrap intervals, and each fit's status. frontier: "
+         "L(C) = E + A C^-alpha; envelope/isoflop: N_opt = k C^exponent and D_opt likewise; parametric: L = E + "
+         f"A/N^alpha + B/D^beta (Huber 1e-3 on log residuals, L-BFGS-B from {_grid_name(grid)}). A, B and k are "
+         "values at N, D or C = 1, far outside the data: read them with their exponent.", ft, None),
         ("Fits not made", "", notes, None),
         (f"Fixed-compute comparison at {cmp_flops:.3g} FLOPs", f"Baseline: {cmp.attrs.get('baseline')}. "
-         "multiplier = compute the baseline needs for the same loss / this compute.", cmp, None),
-        ("Distinguishable pairs", f"Difference of predicted losses; distinguishable when the {pct}% interval "
-         "excludes 0.", pairs, None),
+         "multiplier = compute the baseline needs for the same loss / this compute. An architecture whose frontier "
+         "fit is not identified gets no prediction; `note` says why any value is missing.", cmp, None),
+        ("Distinguishable pairs", f"Difference of predicted losses between identified fits; distinguishable when "
+         f"the {pct}% interval excludes 0.", pairs, None),
     ]  # fmt: skip
     md, body = [f"# Report: {root.name}\n"], []
     for title, text, table, img in sections:

@@ -120,7 +120,30 @@ def collect(path: str | Path) -> pd.DataFrame:
         in ("tokens", "steps", "batch_size", "lr", "seq_len", "wall_s", "tokens_per_s", "d_model", "n_layers")
     ]
     df[num] = df[num].apply(pd.to_numeric, errors="coerce")
+    df["label"] = [run_label(r) for r in df.itertuples()]
     return df.sort_values(["sweep", "run"], kind="stable").reset_index(drop=True)
+
+
+def _short(x: float) -> str:
+    """12_345 -> '12.3k', 1_953_280 -> '1.95M': three significant digits."""
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def run_label(r: Any) -> str:
+    """What varies between the runs of a sweep, for people: 'mamba N=12.6k D=700k C=1e11'.
+    The directory name (derived from overrides) stays the key; this is only for tables and plots."""
+    parts = [str(r.arch or r.family or r.run)]
+    for key, v in (("N", r.params_nonembed), ("D", r.tokens)):
+        if _finite(v):
+            parts.append(f"{key}={_short(float(v))}")
+    if _finite(r.flops_budget):
+        parts.append(f"C={float(r.flops_budget):.2g}")
+    elif _finite(r.flops_train):
+        parts.append(f"C={float(r.flops_train):.2g}")
+    return " ".join(parts) if len(parts) > 1 else str(r.run)
 
 
 def curves(path: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:

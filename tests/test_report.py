@@ -46,7 +46,7 @@ def write_run(root: Path, name: str, arch: str, family: str, n: float, d: float,
     (run / "summary.json").write_text(json.dumps(summary))
 
 
-def make_results(root: Path, budgets=(1e12, 1e13, 1e14), sizes: int = 5, seed: int = 0) -> Path:
+def make_results(root: Path, budgets=(1e12, 3e12, 1e13, 3e13, 1e14), sizes: int = 5, seed: int = 0) -> Path:
     """Two archs (dense llama and a 'switch' MoE whose A is 0.8x), an IsoFLOP grid each, plus a
     failed, a diverged, an incomplete and a corrupt run."""
     rng = np.random.default_rng(seed)
@@ -106,7 +106,7 @@ def test_excluded_runs_are_listed_with_reasons(built):
     for run in ("llama-failed", "llama-nan", "llama-running", "llama-corrupt"):
         assert run in excluded
     fits = (out / "fits.csv").read_text()
-    assert "llama,frontier,E" in fits and "switch,parametric,alpha" in fits
+    assert "llama,frontier,ok,E" in fits and "switch,parametric,ok,alpha" in fits
 
 
 def test_fits_in_report_recover_the_planted_law(built):
