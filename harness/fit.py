@@ -282,18 +282,21 @@ def _e_reason(e: float, min_loss: float, checks: Checks) -> list[str]:
     return []
 
 
-def frontier_reasons(fit: Fit, c: np.ndarray, loss: np.ndarray, checks: Checks = CHECKS) -> tuple[str, ...]:
-    """Why (C, L) data do not identify E + A C^-alpha; `c`, `loss`: every run the fit drew from."""
+def frontier_reasons(fit: Fit, c: np.ndarray, loss: np.ndarray, checks: Checks = CHECKS,
+                     fixed_e: bool = False) -> tuple[str, ...]:  # fmt: skip
+    """Why (C, L) data do not identify E + A C^-alpha (A C^-alpha when `fixed_e`); `c`, `loss`: every
+    run the fit drew from."""
     e, a, al = fit.theta
     ok = fit._ok()
     c_ref = float(np.exp(np.mean(np.log(c))))
-    out = _few_reason(fit.n_points, 3, "runs on the compute frontier")
+    out = _few_reason(fit.n_points, 2 if fixed_e else 3, "runs on the compute frontier")
     out += _span_reason(c, "compute", checks)
-    out += _e_reason(e, float(np.min(loss)), checks)
+    out += [] if fixed_e else _e_reason(e, float(np.min(loss)), checks)
     out += _bound_reason("alpha", al, FRONTIER_BOUNDS["alpha"])
     out += _boot_reason(fit.samples, checks)
-    if len(ok):
+    if len(ok) and not fixed_e:
         out += _ratio_reason("E", ok[:, 0], checks)
+    if len(ok):
         out += _ratio_reason("alpha", ok[:, 2], checks)
         out += _ratio_reason(f"A C^-alpha at C = {c_ref:.3g}", ok[:, 1] * c_ref ** -ok[:, 2], checks)
     return tuple(out)
@@ -429,32 +432,80 @@ def _need(kind: str, n: int, what: str) -> None:
 # --- compute frontier ----------------------------------------------------------------------------
 
 
+FULL_FORM, POWER_FORM = "E + A C^-alpha", "A C^-alpha"
+
+
+def _huber_line(x: np.ndarray, y: np.ndarray, x0: np.ndarray, delta: float) -> np.ndarray:
+    """(a, s) minimising sum Huber(a - s x - y): the log-space form of L = A C^-alpha with E = 0."""
+
+    def obj(th: np.ndarray) -> tuple[float, np.ndarray]:
+        r = th[0] - th[1] * x - y
+        c = np.clip(r, -delta, delta)
+        return float(c @ (r - 0.5 * c)), np.array([c.sum(), -(c @ x)])
+
+    return minimize(obj, x0, jac=True, method="L-BFGS-B", options=TIGHT).x
+
+
 def fit_frontier(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200, x: str = "flops_train",
-                 y: str = LOSS_COL, delta: float = HUBER_DELTA, checks: Checks = CHECKS) -> Fit:  # fmt: skip
-    """L(C) = E + A C^-alpha on the Pareto frontier of (C, L); resamples redraw runs and redo the frontier."""
+                 y: str = LOSS_COL, delta: float = HUBER_DELTA, checks: Checks = CHECKS,
+                 form: str = "auto") -> Fit:  # fmt: skip
+    """L(C) = E + A C^-alpha on the Pareto frontier of (C, L); resamples redraw runs and redo the frontier.
+
+    form "full" fits E; "power" fixes E = 0 (Kaplan et al. 2020's L(C) = (C_c / C)^alpha_C); "auto" fits
+    E and, when only E is what the data fail to identify (at its bound, or an interval spanning orders
+    of magnitude, as over a span where the frontier is nearly straight in log C), falls back to the
+    power law if that one is identified. `extra["form"]` names the law, `extra["note"]` why E was dropped.
+    """
+    if form not in ("auto", "full", "power"):
+        raise ValueError(f"frontier form is 'auto', 'full' or 'power', got {form!r}")
     c_all, l_all = runs[x].to_numpy(float), runs[y].to_numpy(float)
     log_ref = float(np.mean(np.log(c_all))) if len(c_all) else 0.0
     starts = _grid(FRONTIER_GRID, ["e", "a", "alpha"])
 
-    def fit(idx: np.ndarray, x0: np.ndarray | None = None) -> np.ndarray:
+    def frontier(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         f = pareto_frontier(pd.DataFrame({"c": c_all[idx], "l": l_all[idx]}), "c", "l")
         _need("frontier", len(f), "runs on the compute frontier")
-        feats = (np.log(f["c"].to_numpy()) - log_ref)[:, None]
-        log_l = np.log(f["l"].to_numpy())
+        return np.log(f["c"].to_numpy()) - log_ref, np.log(f["l"].to_numpy())
+
+    def fit_full(idx: np.ndarray, x0: np.ndarray | None = None) -> np.ndarray:
+        xc, log_l = frontier(idx)
         th = (
-            _grid_fit(feats, log_l, starts, delta)[0]
+            _grid_fit(xc[:, None], log_l, starts, delta)[0]
             if x0 is None
-            else _lse_fit(feats, log_l, x0[None], delta, TIGHT)[0]
+            else _lse_fit(xc[:, None], log_l, x0[None], delta, TIGHT)[0]
         )
         e, a, al = th
         return np.array([*_exp(e, a + al * log_ref), al])
 
-    theta = fit(np.arange(len(c_all)))
-    x0 = np.array([math.log(theta[0]), math.log(theta[1]) - theta[2] * log_ref, theta[2]])
-    samples = _bootstrap(len(c_all), n_boot, rng, lambda i: fit(i, x0), 3)
+    def fit_power(idx: np.ndarray, x0: np.ndarray | None = None) -> np.ndarray:
+        xc, log_l = frontier(idx)
+        a, al = _huber_line(xc, log_l, np.polyfit(-xc, log_l, 1)[::-1] if x0 is None else x0, delta)
+        return np.array([0.0, *_exp(a + al * log_ref), al])
+
     n_front = len(pareto_frontier(runs, x, y))
-    f = Fit("frontier", ("E", "A", "alpha"), theta, samples, n_front, frontier_loss)
-    return replace(f, reasons=frontier_reasons(f, c_all, l_all, checks))
+
+    def make(kind: str) -> Fit:
+        fitter = fit_full if kind == FULL_FORM else fit_power
+        theta = fitter(np.arange(len(c_all)))
+        if kind == FULL_FORM:
+            x0 = np.array([math.log(theta[0]), math.log(theta[1]) - theta[2] * log_ref, theta[2]])
+        else:
+            x0 = np.array([math.log(theta[1]) - theta[2] * log_ref, theta[2]])
+        samples = _bootstrap(len(c_all), n_boot, rng, lambda i: fitter(i, x0), 3)
+        f = Fit("frontier", ("E", "A", "alpha"), theta, samples, n_front, frontier_loss, extra={"form": kind})
+        return replace(f, reasons=frontier_reasons(f, c_all, l_all, checks, fixed_e=kind == POWER_FORM))
+
+    if form == "power":
+        return make(POWER_FORM)
+    full = make(FULL_FORM)
+    only_e = full.reasons and all(r.startswith(("E = ", "E: ")) for r in full.reasons)
+    if form == "full" or not only_e:
+        return full
+    power = make(POWER_FORM)
+    if power.reasons:
+        return full
+    note = "E not identified (" + "; ".join(full.reasons) + "), so E = 0"
+    return replace(power, extra={**power.extra, "note": note})
 
 
 # --- approach 3: parametric L(N, D) --------------------------------------------------------------

@@ -29,9 +29,11 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import yaml
 
 from harness import flops, sizing
@@ -203,7 +205,7 @@ def plan(budgets: list[float], variants: list[str], rules: PlanRules | None = No
                 )
         n_opt = compute_optimal_params(c, reference, rules)
         k = rules.sizes
-        seen: set[tuple[str, ...]] = set()
+        seen: set[int] = set()
         n_small = _smallest(reference, rules).params_nonembed
         for i in range(k):
             n = n_opt * rules.size_spread ** ((i / (k - 1) - 0.5) if k > 1 else 0.0)
@@ -220,43 +222,116 @@ def plan(budgets: list[float], variants: list[str], rules: PlanRules | None = No
                 )
             except ValueError as e:
                 raise ValueError(f"budget {c:.3g}, size {i + 1}/{k} (N ~ {n:.3g}): {e}") from e
-            key = tuple(o for v in variants for o in group.shapes[v].overrides())
-            if key in seen:  # sizes this close snap to one shape: train it once
+            # Sizes this close snap to one shape, or to two within 20%: train one of them.
+            got = group.shapes[reference].params_nonembed
+            if any(abs(math.log(got / m)) < math.log(1.2) for m in seen):
                 continue
-            seen.add(key)
-            b, lr = _batch_lr(group.nominal_params, rules)
+            seen.add(got)
             for v in variants:
-                sh = group.shapes[v]
-                per_step = b * rules.seq_len
-                steps = round(c / (sh.flops_per_token * per_step))
-                where = f"budget {c:.3g}, {v} at d_model={sh.cfg.d_model}, n_layers={sh.cfg.n_layers}"
-                if steps < 1:
-                    raise ValueError(
-                        f"{where}: {c / sh.flops_per_token:.0f} tokens is fewer than one batch "
-                        f"({b} x {rules.seq_len} = {per_step}); raise the budget or lower the batch size"
-                    )
-                total = steps * per_step * sh.flops_per_token
-                if abs(total / c - 1) > rules.budget_tolerance:
-                    raise ValueError(
-                        f"{where}: {steps} whole steps of {per_step} tokens give {total:.4g} FLOPs, "
-                        f"{total / c - 1:+.1%} off the budget (tolerance {rules.budget_tolerance:.0%}); "
-                        "raise the budget or lower the batch size"
-                    )
-                runs.append(
-                    Run(
-                        budget=c,
-                        size_index=i,
-                        nominal_params=group.nominal_params,
-                        variant=v,
-                        shape=sh,
-                        batch_size=b,
-                        lr=lr,
-                        steps=steps,
-                        tokens=steps * per_step,
-                        eval_every=max(1, steps // rules.evals_per_run),
-                    )
-                )
+                runs.append(_run(c, i, group.nominal_params, v, group.shapes[v], rules))
     return runs
+
+
+def _run(c: float, i: int, nominal: int, v: str, sh: sizing.Shape, rules: PlanRules) -> Run:
+    """The run of shape `sh` at budget `c`: whole steps of its size's batch, within the budget tolerance."""
+    b, lr = _batch_lr(nominal, rules)
+    per_step = b * rules.seq_len
+    steps = round(c / (sh.flops_per_token * per_step))
+    where = f"budget {c:.3g}, {v} at d_model={sh.cfg.d_model}, n_layers={sh.cfg.n_layers}"
+    if steps < 1:
+        raise ValueError(
+            f"{where}: {c / sh.flops_per_token:.0f} tokens is fewer than one batch "
+            f"({b} x {rules.seq_len} = {per_step}); raise the budget or lower the batch size"
+        )
+    total = steps * per_step * sh.flops_per_token
+    if abs(total / c - 1) > rules.budget_tolerance:
+        raise ValueError(
+            f"{where}: {steps} whole steps of {per_step} tokens give {total:.4g} FLOPs, "
+            f"{total / c - 1:+.1%} off the budget (tolerance {rules.budget_tolerance:.0%}); "
+            "raise the budget or lower the batch size"
+        )
+    return Run(budget=c, size_index=i, nominal_params=nominal, variant=v, shape=sh, batch_size=b, lr=lr,
+               steps=steps, tokens=steps * per_step, eval_every=max(1, steps // rules.evals_per_run))  # fmt: skip
+
+
+# ---------------------------------------------------------------- extending a finished sweep
+
+
+def sweep_results(results: Path, sweep_file: Path) -> pd.DataFrame:
+    """One row per run of a sweep file that has a usable result: variant, budget and the run's
+    N, tokens and final loss (runs are matched by the directory name their overrides give)."""
+    from harness.config import run_name_from_overrides
+    from harness.fit import split_usable
+    from harness.results import collect
+
+    spec = yaml.safe_load(sweep_file.read_text())
+    common = [str(o) for o in spec.get("common") or []]
+    rows = []
+    for r in spec.get("runs") or []:
+        ov = [str(o) for o in (r.get("overrides") if isinstance(r, dict) else r)]
+        kv = dict(o.lstrip("+").split("=", 1) for o in ov if "=" in o)
+        if "model" in kv and "train.flops_budget" in kv:
+            merged = {o.split("=", 1)[0].lstrip("+~"): o for o in common + ov}
+            rows.append(dict(run=run_name_from_overrides(list(merged.values())), variant=kv["model"],
+                             budget=float(kv["train.flops_budget"])))  # fmt: skip
+    planned = pd.DataFrame(rows, columns=["run", "variant", "budget"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # corrupt runs are simply not usable here
+        kept, _ = split_usable(collect(results))
+    return planned.merge(kept, on="run")
+
+
+def extend(results: Path, sweep_file: Path, rules: PlanRules, max_new: int = 2) -> list[Run]:
+    """Runs that would bracket the optimum of every (variant, budget) grid of a finished sweep that
+    missed it: up to `max_new` more sizes past the edge the optimum lies beyond (continuing the grid's
+    own log spacing), or on both sides when the parabola is not convex."""
+    from harness.fit import N_COL, isoflop_parabolas
+
+    table = sweep_results(results, sweep_file)
+    new: list[Run] = []
+    for (v, c), g in table.groupby(["variant", "budget"], sort=True):
+        par = isoflop_parabolas(g.assign(flops_budget=c)).iloc[0]
+        if par["ok"]:
+            continue
+        sizes = np.sort(g[N_COL].unique().astype(float))
+        step = float(np.exp(np.mean(np.diff(np.log(sizes))))) if len(sizes) > 1 else rules.size_spread
+        step = max(step, 1.5)
+        best = float(g.sort_values("final_val_loss")[N_COL].iloc[0])
+        vertex = par["N_opt"]
+        below = vertex <= sizes[0] if np.isfinite(vertex) else best == sizes[0]
+        above = vertex >= sizes[-1] if np.isfinite(vertex) else best == sizes[-1]
+        targets = []
+        if below or not above:
+            targets += [sizes[0] / step**k for k in range(1, max_new + 1)]
+        if above or not below:
+            targets += [sizes[-1] * step**k for k in range(1, max_new + 1)]
+        smallest = _smallest(v, rules).params_nonembed
+        have = {int(n) for n in sizes}
+        for n in targets:
+            if n < smallest:
+                continue
+            sh = sizing.size(v, params=n, seq_len=rules.seq_len, vocab_size=rules.vocab_size, rules=rules.sizing,
+                             strict=False)  # fmt: skip
+            if sh.params_nonembed in have:
+                continue
+            have.add(sh.params_nonembed)
+            new.append(_run(c, len(have), sh.params_nonembed, v, sh, rules))
+        if not any(r.variant == v and r.budget == c for r in new):
+            log.warning("%s at %.3g: cannot add sizes past the edge (%s)", v, c, par["why"])
+    return new
+
+
+def rules_from_sweep(sweep_file: Path) -> PlanRules | None:
+    """The planning rules a sweep file was written with (its `plan:` section), if it has them."""
+    d = (yaml.safe_load(sweep_file.read_text()) or {}).get("plan")
+    if not isinstance(d, dict):
+        return None
+    sz = dict(d.pop("sizing", {}) or {})
+    if "fine_knobs" in sz:
+        sz["fine_knobs"] = tuple(sz["fine_knobs"])
+    return PlanRules(**d, sizing=sizing.SizingRules(**sz))
 
 
 def verify(runs: list[Run], common: list[str] | None = None) -> None:
@@ -367,15 +442,22 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def sweep_text(name: str, runs: list[Run], common: list[str] | None = None, command: str = "") -> str:
-    """The sweep file: `sweep`, `common` and one override list per run, each after a comment."""
+def sweep_text(name: str, runs: list[Run], common: list[str] | None = None, command: str = "",
+               rules: PlanRules | None = None, kept: list[str] | None = None) -> str:  # fmt: skip
+    """The sweep file: `sweep`, `common`, the planning rules (`plan:`, read by `--extend`) and one
+    override list per run, each after a comment; `kept`: run lines of an earlier file, kept first."""
     lines = [
         f"# IsoFLOP sweep planned by harness-plan{': ' + command if command else ''}",
         f"# Run with: harness-train -m sweep={name}",
         f"sweep: {name}",
         f"common: {_flow(common or [])}",
-        "runs:",
     ]
+    if rules is not None:
+        lines.append(
+            f"plan: {yaml.safe_dump(_plain(asdict(rules)), default_flow_style=True, width=10**6).strip()}"
+        )
+    lines.append("runs:")
+    lines += kept or []
     for r in runs:
         lines.append(
             f"  # C={fmt_budget(r.budget)} {r.variant}: N={r.params:,} D={r.tokens:,} "
@@ -389,14 +471,20 @@ def _flow(items: list[str]) -> str:
     return yaml.safe_dump(items, default_flow_style=True, width=10**6).strip()
 
 
-def write_sweep(
-    path: Path, name: str, runs: list[Run], common: list[str] | None = None, command: str = ""
-) -> Path:
+def _plain(x: object) -> object:
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else (
+        {k: _plain(v) for k, v in x.items()} if isinstance(x, dict) else x)  # fmt: skip
+
+
+def write_sweep(path: Path, name: str, runs: list[Run], common: list[str] | None = None, command: str = "",
+                rules: PlanRules | None = None, kept: list[str] | None = None) -> Path:  # fmt: skip
     from harness.fileio import atomic_write_text
 
-    text = sweep_text(name, runs, common, command)
+    text = sweep_text(name, runs, common, command, rules, kept)
     loaded = yaml.safe_load(text)
-    assert loaded["sweep"] == name and loaded["runs"] == [r.overrides() for r in runs]
+    assert loaded["sweep"] == name and loaded["runs"][len(loaded["runs"]) - len(runs) :] == [
+        r.overrides() for r in runs
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
     return path
@@ -416,11 +504,12 @@ def default_variants() -> list[str]:
 
 
 # The demo (`make demo`): Transformer++ and Mamba at six budgets over 1.5 decades, small enough to train
-# in about five minutes on two CPU cores, two runs at a time. At this scale the embedding and head
-# dominate the FLOPs, so the optimum sits at hundreds of tokens per parameter, far from Hoffmann et al.'s
-# 20: the grids are centred on a law measured here instead (N_opt = 1.1e4 (C / 1e11)^0.9: IsoFLOP optima
-# 10.9k and 11.7k at 1e11, below 1.4k at 1e10, from a pilot sweep of both families at 1e10 and 1e11 with
-# six sizes each). d_model goes down to 8 so that the smallest budgets can bracket their optimum.
+# in about six minutes on two CPU cores, two runs at a time. At this scale the embedding and head
+# dominate the FLOPs and the optimum sits at hundreds of tokens per parameter, far from Hoffmann et
+# al.'s 20, so the grids are centred on a law measured here: N_opt = 9e3 (C / 1e11)^0.95, from the
+# IsoFLOP optima of a first version of this sweep (about 0.9k at 1e10, 4-6k at 4e10, 8-13k at 8e10,
+# 24-34k at 3.3e11, both families). Widths go down to 4 (one attention head) so that the smallest
+# budgets can bracket their optimum.
 DEMO_BUDGETS = (1e10, 2e10, 4e10, 8e10, 1.6e11, 3.3e11)
 DEMO_VARIANTS = ("llama", "mamba")
 DEMO_COMMON = ["train.eval_batches=4", "train.log_every=10", "train.ckpt_every=0", "train.threads=1"]
@@ -446,10 +535,10 @@ def demo_full_rules() -> PlanRules:
 
 
 def demo_rules() -> PlanRules:
-    fine = sizing.SizingRules(multiple=8, bare_multiple=2, head_dim=8, min_d_model=8, aspect_spread=4.0,
-                              knob_multiple=4)  # fmt: skip
-    return replace(demo_full_rules(), sizes=5, size_spread=8.0, sizing=fine, centre_params=1.1e4,
-                   centre_flops=1e11, centre_exponent=0.9)  # fmt: skip
+    fine = sizing.SizingRules(multiple=4, bare_multiple=2, head_dim=8, min_d_model=4, narrow_single_head=True,
+                              aspect_spread=4.0, knob_multiple=4)  # fmt: skip
+    return replace(demo_full_rules(), sizes=5, size_spread=12.0, sizing=fine, centre_params=9e3,
+                   centre_flops=1e11, centre_exponent=0.95)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -478,6 +567,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--demo-full", action="store_true", help="write the full-family sweep (sweeps/demo_full.yaml)"
     )
+    p.add_argument("--extend", metavar="RESULTS", default=None,
+                   help="add sizes to the grids of a finished sweep (results/<sweep>) that missed their optimum; "
+                        "rewrites its sweep file with the new runs after the old ones")  # fmt: skip
     p.add_argument("--no-timing", action="store_true", help="skip measuring this device's speed")
     p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     a = p.parse_args(argv)
@@ -497,6 +589,8 @@ def main(argv: list[str] | None = None) -> None:
         evals_per_run=a.evals,
         reference=a.reference,
     )
+    if a.extend:
+        return _main_extend(a, PlanRules(**kw), argv)
     budgets, common, name = a.budgets, list(a.common), a.name
     if a.demo:
         budgets, common, name = budgets or list(DEMO_BUDGETS), common or list(DEMO_COMMON), name or "demo"
@@ -524,8 +618,37 @@ def main(argv: list[str] | None = None) -> None:
     print(table(runs))
     if not a.dry_run:
         cmd = "harness-plan " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = write_sweep(Path(a.out) / f"{name}.yaml", name, runs, common, cmd.strip())
+        path = write_sweep(Path(a.out) / f"{name}.yaml", name, runs, common, cmd.strip(), rules)
         print(f"wrote {path}; run it with: harness-train -m sweep={name}")
+
+
+def _main_extend(a: argparse.Namespace, cli_rules: PlanRules, argv: list[str] | None) -> None:
+    results = Path(a.extend)
+    name = a.name or results.name
+    path = Path(a.out) / f"{name}.yaml"
+    if not results.is_dir():
+        sys.exit(f"harness-plan: results directory not found: {results}")
+    if not path.is_file():
+        sys.exit(f"harness-plan: no sweep file {path} for {results} (give --name or --out)")
+    spec = yaml.safe_load(path.read_text()) or {}
+    rules = rules_from_sweep(path) or cli_rules
+    common = [str(o) for o in spec.get("common") or []]
+    try:
+        runs = extend(results, path, rules)
+        verify(runs, common)
+    except ValueError as e:
+        sys.exit(f"harness-plan: {e}")
+    if not runs:
+        print(f"every grid of {results} brackets its optimum (or has no usable runs): nothing to add")
+        return
+    print(table(runs))
+    if not a.dry_run:
+        lines = path.read_text().splitlines()
+        kept = lines[lines.index("runs:") + 1 :] if "runs:" in lines else []
+        cmd = "harness-plan " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_sweep(path, name, runs, common, cmd.strip(), rules if "plan" in spec else None, kept)
+        print(f"added {len(runs)} runs to {path}; run them with: harness-train -m sweep={name} "
+              f"(finished runs are skipped), then harness-report {results}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ class SizingRules:
     multiple: int = 16  # d_model is a multiple of this (and of head_dim for attention)
     bare_multiple: int = 4  # ... or of this for a family with no fine knob
     min_d_model: int = 16
+    # Attention variants may also go below head_dim as one head of width d_model (toy scales, where the
+    # compute-optimal model can be narrower than one head).
+    narrow_single_head: bool = False
     max_layers: int = 96
     fine_knobs: tuple[str, ...] = ("d_ff", "dt_rank")  # widths searched around their derived default
     knob_multiple: int = 8
@@ -182,6 +185,12 @@ class _Builder:
         self.heads = "n_heads" in defaults and "head_dim" in self.derived and defaults["n_heads"] != 0
         self.knobs = [k for k in rules.fine_knobs if k in self.derived and self._moves_flops(k)]
         self.d_multiple = rules.multiple if self.knobs else rules.bare_multiple
+        # widths below one head (one head of width d_model), then multiples of the head width
+        self.narrow = (
+            list(range(max(rules.min_d_model, self.d_multiple), rules.head_dim, self.d_multiple))
+            if self.heads and rules.narrow_single_head
+            else []
+        )
         if self.heads:
             self.d_multiple = math.lcm(self.d_multiple, rules.head_dim)
         self.aspect = rules.aspect or self.base.get("d_model", 128) / self.base.get("n_layers", 4)
@@ -243,7 +252,7 @@ class _Cand:
 
 def _smallest(b: _Builder, by: str) -> tuple[int, LMConfig] | None:
     d_min = max(b.rules.min_d_model, b.d_multiple)
-    for d in range(d_min, 64 * d_min + 1, b.d_multiple):
+    for d in b.narrow + list(range(d_min, 64 * d_min + 1, b.d_multiple)):
         cfg = b.config(b.fields(d, 1))
         if cfg is not None:
             return _metric(flops.count(cfg), by), cfg
@@ -279,7 +288,8 @@ def _candidates(b: _Builder, by: str, lo: float, hi: float) -> list[_Cand]:
         d_lo = d_min if L == 1 else max(d_min, step * math.ceil(a_lo * L / step))
         d_hi = max(d_lo, step * math.floor(a_hi * L / step))
         first_m = None
-        for d in range(d_lo, d_hi + 1, step):
+        narrow = [d for d in b.narrow if L == 1]
+        for d in narrow + list(range(d_lo, d_hi + 1, step)):
             cfg = b.config(b.fields(d, L))
             if cfg is None:
                 continue

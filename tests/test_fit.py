@@ -220,3 +220,89 @@ def test_besiroglu_replication_on_chinchilla_points():
     assert p["E"] == pytest.approx(1.82, abs=0.02) and p["alpha"] == pytest.approx(0.348, abs=0.01)
     assert p["beta"] == pytest.approx(0.366, abs=0.01)
     assert p["A"] == pytest.approx(482, rel=0.1) and p["B"] == pytest.approx(2085, rel=0.1)
+
+
+# --- identification checks: each fires on data built to break it, and stays quiet on good data ----
+
+
+def test_checks_stay_quiet_on_planted_and_chinchilla_like_data():
+    rng = np.random.default_rng(0)
+    assert F.fit_frontier(frontier_runs(rng, n=40), rng, n_boot=60).status == "ok"
+    alloc = F.fit_isoflop(isoflop_runs(rng), rng, n_boot=60)
+    assert alloc.status == "ok" and alloc.missed.empty, alloc.reasons
+    # Chinchilla-like: Besiroglu et al.'s law on sizes and token counts spanning Hoffmann et al.'s range
+    n = np.exp(rng.uniform(np.log(5e7), np.log(2e10), 40))
+    d = np.exp(rng.uniform(np.log(5e9), np.log(5e11), 40))
+    p = F.fit_parametric(n, d, law(n, d) * np.exp(rng.normal(0, 0.005, 40)), rng, n_boot=60, grid=SMALL_GRID)
+    assert p.status == "ok", p.reasons
+    curves, runs = training_curves(rng, sizes=np.geomspace(1e7, 1e10, 13))
+    assert F.fit_envelope(curves, runs, rng, n_boot=20).status == "ok"
+
+
+def test_a_concave_isoflop_grid_gives_no_optimum():
+    n = np.geomspace(1e6, 1e8, 7)
+    loss = 3.0 - 0.05 * (np.log(n) - np.log(1e7)) ** 2  # opens downward: a maximum, not a minimum
+    runs = pd.DataFrame(
+        {"params_nonembed": n, "tokens": 1e19 / (6 * n), "flops_budget": 1e19, "final_val_loss": loss}
+    )
+    row = F.isoflop_parabolas(runs).iloc[0]
+    assert not row["ok"] and "not convex" in row["why"]
+
+
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_an_optimum_outside_the_sampled_sizes_is_not_used(side):
+    rng = np.random.default_rng(5)
+    runs = isoflop_runs(rng, sizes=9)
+    # keep only the sizes on one side of each budget's optimum (the grid is log-symmetric about it)
+    keep = runs.groupby("flops_budget")["params_nonembed"].rank() > 5 if side == "below" else (
+        runs.groupby("flops_budget")["params_nonembed"].rank() < 5)  # fmt: skip
+    par = F.isoflop_parabolas(runs[keep])
+    assert not par["ok"].any()
+    assert par["why"].str.contains(f"{side} the (smallest|largest) model size", regex=True).all()
+    with pytest.raises(F.FitError, match="inside the sampled sizes"):
+        F.fit_isoflop(runs[keep], rng, n_boot=10)
+
+
+def test_a_compute_span_of_a_factor_2_is_not_identified():
+    rng = np.random.default_rng(6)
+    c = np.geomspace(1e15, 2e15, 12)
+    runs = pd.DataFrame(
+        {"flops_train": c, "final_val_loss": (2.0 + 60.0 * c**-0.12) * np.exp(rng.normal(0, 0.002, 12))}
+    )
+    f = F.fit_frontier(runs, rng, n_boot=40)
+    assert f.status == "not identified"
+    assert any("compute spans 0.3 decades" in r for r in f.reasons), f.reasons
+
+
+def test_an_asymptote_at_its_bound_is_not_identified():
+    rng = np.random.default_rng(7)
+    c = np.geomspace(1e13, 1e17, 15)
+    runs = pd.DataFrame(
+        {"flops_train": c, "final_val_loss": 40.0 * c**-0.08 * np.exp(rng.normal(0, 0.001, 15))}
+    )
+    f = F.fit_frontier(runs, rng, n_boot=40)  # a pure power law: E runs to 0
+    assert any("at its lower bound 0" in r for r in f.reasons), (f.params, f.reasons)
+
+
+def test_runaway_parametric_coefficients_are_at_a_bound():
+    """The numbers of a fit the report once tabled as a result: A = 1.8e87, alpha = 20.9."""
+    theta = np.array([1.7, 1.8e87, 400.0, 20.9, 0.3])
+    f = F.Fit(
+        "parametric", ("E", "A", "B", "alpha", "beta"), theta, np.tile(theta, (20, 1)), 27, F.parametric_loss
+    )
+    n, d = np.geomspace(1e4, 1e5, 27), np.geomspace(1e5, 1e7, 27)
+    why = " | ".join(F.parametric_reasons(f, n, d, np.full(27, 2.5)))
+    assert "alpha = 20.9" in why and "A = 1.8e+87" in why
+
+
+def test_failed_refits_wide_intervals_and_few_points_are_reported():
+    theta = np.array([2.0, 60.0, 0.12])
+    rng = np.random.default_rng(8)
+    samples = np.tile(theta, (100, 1))
+    samples[:30] = np.nan  # 30% of refits failed
+    samples[30:, 0] = np.exp(rng.uniform(np.log(0.01), np.log(2.0), 70))  # E anywhere in [0.01, 2]
+    f = F.Fit("frontier", ("E", "A", "alpha"), theta, samples, 3, F.frontier_loss)
+    why = " | ".join(F.frontier_reasons(f, np.geomspace(1e13, 1e17, 10), np.full(10, 2.5)))
+    assert "30% of bootstrap refits failed" in why
+    assert "E: 95% interval" in why and "orders of magnitude" in why
+    assert "too few points: 3 runs on the compute frontier for 3 parameters" in why

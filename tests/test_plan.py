@@ -9,7 +9,7 @@ from harness import plan
 from harness.config import compose
 from harness.train import train
 
-RULES = plan.demo_rules()  # tiny models, sized finely enough to FLOP-match every family
+RULES = plan.demo_full_rules()  # tiny models, sized finely enough to FLOP-match every family
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,65 @@ def test_trained_run_reports_the_planned_total(tmp_path):
     assert summary["status"] == "completed"
     assert summary["flops_train"] == r.flops_train
     assert summary["flops_budget"] == pytest.approx(r.budget)
+
+
+def _fake_results(root, sweep_file, loss_of_n):
+    """A finished sweep without training: each run of the sweep file gets a completed run directory,
+    at the path harness-train would use, whose final loss is `loss_of_n(N)`."""
+    import json
+
+    from harness import flops
+
+    spec = yaml.safe_load(sweep_file.read_text())
+    for ov in spec["runs"]:
+        cfg = compose([*spec["common"], *ov, f"sweep={spec['sweep']}", f"results_dir={root}"])
+        n = flops.count(cfg.model).params_nonembed
+        cfg.run_dir.mkdir(parents=True)
+        (cfg.run_dir / "config.yaml").write_text(
+            yaml.safe_dump({"model": {"family": "llama", "name": "llama"}})
+        )
+        summary = {"status": "completed", "final_val_loss": loss_of_n(n), "params_nonembed": n,
+                   "tokens": cfg.train.tokens, "flops_train": cfg.train.flops_budget,
+                   "flops_budget": cfg.train.flops_budget}  # fmt: skip
+        (cfg.run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_extend_brackets_a_grid_that_missed_its_optimum(tmp_path, side, capsys):
+    import math
+
+    rules = plan.demo_rules()
+    runs = plan.plan([4e10], ["llama"], rules)
+    sizes = sorted({r.params for r in runs})
+    sweep_file = tmp_path / "sweeps" / "ext.yaml"
+    plan.write_sweep(sweep_file, "ext", runs, list(plan.DEMO_COMMON), rules=rules)
+    assert plan.rules_from_sweep(sweep_file) == rules
+    # the planted optimum lies past one edge of the grid, so the parabola's vertex does too
+    n_star = sizes[0] / 3 if side == "below" else sizes[-1] * 3
+    _fake_results(
+        tmp_path / "results", sweep_file, lambda n: 2.0 + 0.05 * (math.log(n) - math.log(n_star)) ** 2
+    )
+    new = plan.extend(tmp_path / "results" / "ext", sweep_file, rules)
+    assert new and all(r.budget == 4e10 and r.variant == "llama" for r in new)
+    assert (
+        all(r.params < sizes[0] for r in new) if side == "below" else all(r.params > sizes[-1] for r in new)
+    )
+    # the CLI appends them to the sweep file and keeps the finished runs
+    plan.main(["--extend", str(tmp_path / "results" / "ext"), "--out", str(tmp_path / "sweeps")])
+    spec = yaml.safe_load(sweep_file.read_text())
+    assert len(spec["runs"]) == len(runs) + len(new)
+    assert spec["runs"][: len(runs)] == [r.overrides() for r in runs]
+    assert "added" in capsys.readouterr().out
+
+
+def test_extend_leaves_a_bracketed_grid_alone(tmp_path, capsys):
+    import math
+
+    rules = plan.demo_rules()
+    runs = plan.plan([4e10], ["llama"], rules)
+    sizes = sorted({r.params for r in runs})
+    sweep_file = tmp_path / "sweeps" / "ok.yaml"
+    plan.write_sweep(sweep_file, "ok", runs, list(plan.DEMO_COMMON), rules=rules)
+    mid = math.sqrt(sizes[0] * sizes[-1])
+    _fake_results(tmp_path / "results", sweep_file, lambda n: 2.0 + 0.05 * (math.log(n) - math.log(mid)) ** 2)
+    assert plan.extend(tmp_path / "results" / "ok", sweep_file, rules) == []
