@@ -81,8 +81,9 @@ def compare(runs: pd.DataFrame, flops: float, n_boot: int = 200, seed: int = 0, 
                 f = None
         if f is not None:
             lo, hi = f.interval(flops, level=level)
+            # a budget's runs land within a few percent of it: that is not an extrapolation
             row.update(loss_pred=float(f.predict(flops)), loss_lo=float(lo), loss_hi=float(hi),
-                       extrapolated=bool(flops < c.min() or flops > c.max()))  # fmt: skip
+                       extrapolated=bool(flops < c.min() / 1.05 or flops > c.max() * 1.05))  # fmt: skip
             if row["extrapolated"]:
                 notes.append(f"extrapolated: runs span {c.min():.3g} to {c.max():.3g} FLOPs")
         near_runs = g[(g["flops_train"] >= flops / near) & (g["flops_train"] <= flops * near)]

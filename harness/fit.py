@@ -112,7 +112,8 @@ class Fit:
             [
                 dict(param=n, estimate=float(v), lo=ci[n][0], hi=ci[n][1], n_points=self.n_points,
                      n_boot=n_ok, n_boot_failed=len(self.samples) - n_ok, status=self.status,
-                     why="; ".join(self.reasons))
+                     why="; ".join(self.reasons), form=self.extra.get("form", ""),
+                     note=self.extra.get("note", ""))
                 for n, v in zip(self.names, self.theta, strict=True)
             ]
         )  # fmt: skip

@@ -323,6 +323,34 @@ def extend(results: Path, sweep_file: Path, rules: PlanRules, max_new: int = 2) 
     return new
 
 
+def centres_from(results: Path, sweep_file: Path, rules: PlanRules) -> dict[str, PlanRules]:
+    """Per variant, the rules with their centre set to the law N_opt(C) = k C^a through the optima its
+    grids in a finished sweep bracketed (a least-squares line in log-log over two or more budgets; from
+    one budget, `rules.centre_exponent` through it). Variants with no bracketed optimum are left out."""
+    from harness.fit import isoflop_parabolas
+
+    table = sweep_results(results, sweep_file)
+    out = {}
+    for v, g in table.groupby("variant", sort=True):
+        par = isoflop_parabolas(g.assign(flops_budget=g["budget"]))
+        par = par[par["ok"]]
+        if par.empty:
+            log.warning(
+                "%s: no grid of %s bracketed its optimum; its centre stays the default guess", v, results
+            )
+            continue
+        c, n = par["flops"].to_numpy(float), par["N_opt"].to_numpy(float)
+        exponent = (
+            float(np.polyfit(np.log(c), np.log(n), 1)[0]) if len(np.unique(c)) > 1 else rules.centre_exponent
+        )
+        c0 = float(np.exp(np.mean(np.log(c))))
+        n0 = float(np.exp(np.mean(np.log(n))))  # the fitted line passes through the mean point
+        out[v] = replace(rules, centre_params=n0, centre_flops=c0, centre_exponent=exponent)
+        log.info("%s: N_opt = %.3g (C / %.3g)^%.2f from %d bracketed optima in %s", v, n0, c0, exponent, len(c),
+                 results)  # fmt: skip
+    return out
+
+
 def rules_from_sweep(sweep_file: Path) -> PlanRules | None:
     """The planning rules a sweep file was written with (its `plan:` section), if it has them."""
     d = (yaml.safe_load(sweep_file.read_text()) or {}).get("plan")
@@ -504,13 +532,13 @@ def default_variants() -> list[str]:
 
 
 # The demo (`make demo`): Transformer++ and Mamba at six budgets over 1.5 decades, small enough to train
-# in about six minutes on two CPU cores, two runs at a time. At this scale the embedding and head
+# in about five minutes on two CPU cores, two runs at a time. At this scale the embedding and head
 # dominate the FLOPs and the optimum sits at hundreds of tokens per parameter, far from Hoffmann et
 # al.'s 20, so the grids are centred on a law measured here: N_opt = 9e3 (C / 1e11)^0.95, from the
 # IsoFLOP optima of a first version of this sweep (about 0.9k at 1e10, 4-6k at 4e10, 8-13k at 8e10,
 # 24-34k at 3.3e11, both families). Widths go down to 4 (one attention head) so that the smallest
 # budgets can bracket their optimum.
-DEMO_BUDGETS = (1e10, 2e10, 4e10, 8e10, 1.6e11, 3.3e11)
+DEMO_BUDGETS = (7.5e9, 1.5e10, 3e10, 6e10, 1.2e11, 2.5e11)
 DEMO_VARIANTS = ("llama", "mamba")
 DEMO_COMMON = ["train.eval_batches=4", "train.log_every=10", "train.ckpt_every=0", "train.threads=1"]
 # The full-family sweep (`make demo-full`): every registered family plus a second MoE router (Switch
@@ -570,6 +598,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--extend", metavar="RESULTS", default=None,
                    help="add sizes to the grids of a finished sweep (results/<sweep>) that missed their optimum; "
                         "rewrites its sweep file with the new runs after the old ones")  # fmt: skip
+    p.add_argument("--centre-from", metavar="RESULTS", default=None,
+                   help="centre each family's sizes on the optimum law N_opt(C) fitted to the bracketed IsoFLOP "
+                        "optima of an earlier sweep (a pilot at small budgets), extrapolated to --budgets")  # fmt: skip
     p.add_argument("--no-timing", action="store_true", help="skip measuring this device's speed")
     p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     a = p.parse_args(argv)
@@ -606,6 +637,12 @@ def main(argv: list[str] | None = None) -> None:
             # each family around its own measured centre; the largest runs first, so two workers end together
             runs = [r for v in (a.families or DEMO_VARIANTS) for r in plan(budgets, [v], rules)]
             runs.sort(key=lambda r: (-r.budget, r.flops_per_token))
+        elif a.centre_from:
+            rules = PlanRules(**kw)
+            pilot = Path(a.centre_from)
+            centres = centres_from(pilot, Path(a.out) / f"{pilot.name}.yaml", rules)
+            variants = a.families or sorted(centres)
+            runs = [r for v in variants for r in plan(budgets, [v], centres.get(v, rules))]
         else:
             rules = demo_full_rules() if a.demo_full else PlanRules(**kw)
             variants = a.families or default_variants() + (list(DEMO_EXTRA_VARIANTS) if a.demo_full else [])

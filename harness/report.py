@@ -87,7 +87,7 @@ def _grid_name(grid: dict | None) -> str:
 
 
 FIT_COLS = ["arch", "approach", "status", "param", "estimate", "lo", "hi", "n_points", "n_boot", "n_boot_failed",
-            "why"]  # fmt: skip
+            "why", "form", "note"]  # fmt: skip
 
 
 def fits_table(fits: Fits, level: float) -> pd.DataFrame:
@@ -159,7 +159,7 @@ def plot_loss_vs_compute(kept: pd.DataFrame, fits: Fits, colors: dict, level: fl
     for arch, g in kept.groupby("arch", sort=True):
         f = fits.frontier.get(arch)
         ok = f is not None and f.status == F.IDENTIFIED
-        label = arch if ok else f"{arch} (no identified fit)"
+        label = f"{arch}: {f.extra.get('form', F.FULL_FORM)}" if ok else f"{arch} (no identified fit)"
         ax.scatter(g["flops_train"], g[F.LOSS_COL], color=colors[arch], s=28, label=label,
                    marker="o" if ok else "x", alpha=0.9)  # fmt: skip
         if ok:
@@ -169,7 +169,7 @@ def plot_loss_vs_compute(kept: pd.DataFrame, fits: Fits, colors: dict, level: fl
             ax.fill_between(c, lo, hi, color=colors[arch], alpha=0.15, lw=0)
     _pareto_step(ax, kept, "flops_train")
     ax.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="final validation loss (nats/token)",
-           title=f"Loss vs compute: identified fits L = E + A C^-alpha, {round(100 * level)}% bands")  # fmt: skip
+           title=f"Loss vs compute: identified frontier fits, {round(100 * level)}% bands")  # fmt: skip
     _loss_ylim(ax, kept[F.LOSS_COL])
     _legend_outside(ax)
     return _png(fig)
@@ -370,11 +370,12 @@ def isoflop_by_arch(kept: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def fit_status(fits: Fits) -> pd.DataFrame:
     """One row per fit made: arch, approach, status, reasons."""
-    rows = [dict(arch=arch, approach=name, status=f.status, why="; ".join(f.reasons))
+    rows = [dict(arch=arch, approach=name, status=f.status, why="; ".join(f.reasons),
+                 note=getattr(f, "extra", {}).get("note", ""))
             for name in ("frontier", "envelope", "isoflop", "parametric")
             for arch, f in sorted(getattr(fits, name).items())]  # fmt: skip
     rows += [dict(arch=arch, approach=name, status="not fitted", why=why) for arch, name, why in fits.notes]
-    t = pd.DataFrame(rows, columns=["arch", "approach", "status", "why"])
+    t = pd.DataFrame(rows, columns=["arch", "approach", "status", "why", "note"]).fillna("")
     return t.sort_values(["arch", "approach"], kind="stable").reset_index(drop=True)
 
 
@@ -479,8 +480,9 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
          "only identified fits; the others are listed here and in fits.csv.", status, None),
         ("Loss vs compute", f"Final validation loss against training FLOPs, one point per run. Lines: L(C) = E + A "
          f"C^-alpha on each architecture's compute frontier with {pct}% bootstrap bands ({n_boot} resamples), drawn "
-         f"for {_count_ok(fits.frontier)}; an architecture without an identified fit is drawn as crosses. Dashed: "
-         "the Pareto frontier over all runs. Each point is one run with one seed.", None, "loss_vs_compute.png"),
+         f"for {_count_ok(fits.frontier)}; where the data do not identify E, the line is A C^-alpha (E = 0), as the "
+         "legend says. An architecture without an identified fit is drawn as crosses. Dashed: the Pareto frontier "
+         "over all runs. Each point is one run with one seed.", None, "loss_vs_compute.png"),
         ("Training curves", "Validation loss against cumulative training FLOPs, one line per run.", None,
          "training_curves.png"),
         ("IsoFLOP curves", f"Loss against model size at each compute budget, one panel per architecture, with a "

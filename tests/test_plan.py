@@ -106,7 +106,7 @@ def test_trained_run_reports_the_planned_total(tmp_path):
 
 def _fake_results(root, sweep_file, loss_of_n):
     """A finished sweep without training: each run of the sweep file gets a completed run directory,
-    at the path harness-train would use, whose final loss is `loss_of_n(N)`."""
+    at the path harness-train would use, whose final loss is `loss_of_n(N, C)`."""
     import json
 
     from harness import flops
@@ -119,7 +119,7 @@ def _fake_results(root, sweep_file, loss_of_n):
         (cfg.run_dir / "config.yaml").write_text(
             yaml.safe_dump({"model": {"family": "llama", "name": "llama"}})
         )
-        summary = {"status": "completed", "final_val_loss": loss_of_n(n), "params_nonembed": n,
+        summary = {"status": "completed", "final_val_loss": loss_of_n(n, cfg.train.flops_budget), "params_nonembed": n,
                    "tokens": cfg.train.tokens, "flops_train": cfg.train.flops_budget,
                    "flops_budget": cfg.train.flops_budget}  # fmt: skip
         (cfg.run_dir / "summary.json").write_text(json.dumps(summary))
@@ -162,5 +162,27 @@ def test_extend_leaves_a_bracketed_grid_alone(tmp_path, capsys):
     sweep_file = tmp_path / "sweeps" / "ok.yaml"
     plan.write_sweep(sweep_file, "ok", runs, list(plan.DEMO_COMMON), rules=rules)
     mid = math.sqrt(sizes[0] * sizes[-1])
-    _fake_results(tmp_path / "results", sweep_file, lambda n: 2.0 + 0.05 * (math.log(n) - math.log(mid)) ** 2)
+    _fake_results(
+        tmp_path / "results", sweep_file, lambda n, c: 2.0 + 0.05 * (math.log(n) - math.log(mid)) ** 2
+    )
     assert plan.extend(tmp_path / "results" / "ok", sweep_file, rules) == []
+
+
+def test_centre_from_a_pilot_extrapolates_the_optimum_law(tmp_path):
+    """A pilot at two small budgets whose planted optimum is N* = 5e3 (C / 4e10)^0.8 centres the grid
+    of a larger budget on that law."""
+    import math
+
+    rules = plan.demo_rules()
+    law = lambda c: 5e3 * (c / 4e10) ** 0.8  # noqa: E731
+    pilot = [r for v in ("mamba",) for r in plan.plan([4e10, 8e10], [v], rules)]
+    sweep_file = tmp_path / "sweeps" / "pilot.yaml"
+    plan.write_sweep(sweep_file, "pilot", pilot, list(plan.DEMO_COMMON), rules=rules)
+    _fake_results(
+        tmp_path / "results", sweep_file, lambda n, c: 2.0 + 0.05 * (math.log(n) - math.log(law(c))) ** 2
+    )
+    centres = plan.centres_from(tmp_path / "results" / "pilot", sweep_file, rules)
+    assert centres["mamba"].centre_exponent == pytest.approx(0.8, abs=0.02)
+    assert plan.compute_optimal_params(3.2e11, "mamba", centres["mamba"]) == pytest.approx(
+        law(3.2e11), rel=0.05
+    )
