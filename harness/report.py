@@ -35,7 +35,7 @@ from harness.fileio import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-RUN_COLS = ["arch", "family", "run", "status", "final_val_loss", "params_nonembed", "params_active",
+RUN_COLS = ["arch", "family", "run", "label", "status", "final_val_loss", "params_nonembed", "params_active",
             "tokens", "flops_train", "flops_budget", "wall_s"]  # fmt: skip
 
 
@@ -277,11 +277,12 @@ def plot_allocation(
         return None
     fig, groups = _panels(len(archs), w=4.0, h=3.0, rows_per=2)
     for (ax_n, ax_d), arch in zip(groups, archs, strict=True):
-        c = _cgrid(kept.loc[kept["arch"] == arch, "flops_train"])
+        c_runs = kept.loc[kept["arch"] == arch, "flops_train"]
         shown, missing = [], []
         for name, a in allocs[arch].items():
             label, color, marker, ls = APPROACH_STYLE[name]
             ok = a.status == F.IDENTIFIED
+            c = _cgrid(a.optima["flops"] if len(a.optima) else c_runs)  # where this approach has data
             for ax, f, col in ((ax_n, a.n_opt, "N_opt"), (ax_d, a.d_opt, "D_opt")):
                 if marker and len(a.optima):
                     ax.scatter(a.optima["flops"], a.optima[col], marker=marker, s=18, lw=1,
@@ -290,7 +291,10 @@ def plot_allocation(
                     lo, hi = f.interval(c, level=level)
                     ax.plot(c, f.predict(c), ls=ls, color=color, lw=1.5)
                     ax.fill_between(c, lo, hi, color=color, alpha=0.12, lw=0)
-            (shown if ok else missing).append(f"{name}: N ~ C^{a.n_opt.theta[1]:.2f}" if ok else name)
+            lo, hi = a.n_opt.ci(level)["exponent"]
+            (shown if ok else missing).append(
+                f"{name}: N ~ C^{a.n_opt.theta[1]:.2f} [{lo:.2f}, {hi:.2f}]" if ok else name
+            )
         note = "\n".join(shown + ([f"not identified: {', '.join(missing)}"] if missing else []))
         ax_n.text(0.02, 0.98, note, transform=ax_n.transAxes, va="top", fontsize=7,
                   bbox=dict(facecolor="white", alpha=0.8, lw=0))  # fmt: skip
@@ -374,8 +378,11 @@ def fit_status(fits: Fits) -> pd.DataFrame:
                  note=getattr(f, "extra", {}).get("note", ""))
             for name in ("frontier", "envelope", "isoflop", "parametric")
             for arch, f in sorted(getattr(fits, name).items())]  # fmt: skip
-    rows += [dict(arch=arch, approach=name, status="not fitted", why=why) for arch, name, why in fits.notes]
-    t = pd.DataFrame(rows, columns=["arch", "approach", "status", "why", "note"]).fillna("")
+    rows += [
+        dict(arch=arch, approach=name, status="not fitted", why=why, note="")
+        for arch, name, why in fits.notes
+    ]
+    t = pd.DataFrame(rows, columns=["arch", "approach", "status", "why", "note"])
     return t.sort_values(["arch", "approach"], kind="stable").reset_index(drop=True)
 
 

@@ -56,3 +56,28 @@ def test_cli_prints_and_saves(tmp_path, capsys):
 def test_cli_missing_directory(tmp_path, capsys):
     assert C.main([str(tmp_path / "nope"), "--flops", "1e15"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_no_bare_inf_a_missing_multiplier_says_why(runs):
+    """An architecture whose predicted loss lies below the baseline's asymptote: the baseline never
+    reaches it, so there is no multiplier, and the note says so instead of printing inf."""
+    import numpy as np
+
+    from harness import fit as F
+
+    def frontier(e, a, al):
+        th = np.array([e, a, al])
+        return F.Fit("frontier", ("E", "A", "alpha"), th, np.tile(th, (20, 1)), 10, F.frontier_loss,
+                     extra={"form": F.FULL_FORM})  # fmt: skip
+
+    fits = {"llama": frontier(2.5, 60.0, 0.3), "switch": frontier(1.5, 60.0, 0.3)}
+    table, _ = C.compare(runs, 1e13, fits=fits)
+    t = table.set_index("arch")
+    assert np.isnan(t.loc["switch", "multiplier"]) and not np.isinf(table["multiplier"].astype(float)).any()
+    assert "never reaches loss" in t.loc["switch", "note"] and "asymptote E = 2.5" in t.loc["switch", "note"]
+    # a fit that is not identified gets no prediction, and its reasons instead
+    fits["switch"] = F.Fit("frontier", ("E", "A", "alpha"), fits["switch"].theta, fits["switch"].samples, 3,
+                           F.frontier_loss, reasons=("too few points",))  # fmt: skip
+    t = C.compare(runs, 1e13, fits=fits)[0].set_index("arch")
+    assert t.loc["switch", "fit_status"] == "not identified" and np.isnan(t.loc["switch", "loss_pred"])
+    assert "too few points" in t.loc["switch", "note"]

@@ -138,7 +138,7 @@ def test_extend_brackets_a_grid_that_missed_its_optimum(tmp_path, side, capsys):
     # the planted optimum lies past one edge of the grid, so the parabola's vertex does too
     n_star = sizes[0] / 3 if side == "below" else sizes[-1] * 3
     _fake_results(
-        tmp_path / "results", sweep_file, lambda n: 2.0 + 0.05 * (math.log(n) - math.log(n_star)) ** 2
+        tmp_path / "results", sweep_file, lambda n, c: 2.0 + 0.05 * (math.log(n) - math.log(n_star)) ** 2
     )
     new = plan.extend(tmp_path / "results" / "ext", sweep_file, rules)
     assert new and all(r.budget == 4e10 and r.variant == "llama" for r in new)

@@ -149,3 +149,31 @@ def test_cli_writes_report(tmp_path, capsys):
         write_run(root, f"r{i}", "llama", "llama", n, 1e9 / n, None)
     assert report.main([str(root), "--bootstrap", "5"]) == 0
     assert (root / "report" / "index.html").exists()
+
+
+def test_index_says_which_fits_hold_and_names_runs_for_people(built):
+    import pandas as pd
+
+    out, _ = built
+    index = (out / "index.md").read_text()
+    assert "## Which fits the data identify" in index and "Every grid brackets its optimum." in index
+    status = pd.read_csv(out / "fits.csv")[["arch", "approach", "status"]].drop_duplicates()
+    assert set(status["status"]) <= {"ok", "not identified"}
+    runs = pd.read_csv(out / "runs.csv")
+    planned = runs[runs["flops_budget"].notna()]
+    assert len(planned) == 50 and planned["label"].str.fullmatch(r"(?:llama|switch) N=\S+ D=\S+ C=\S+").all()
+    assert "llama N=16.7k D=10M C=1e+12" in set(planned["label"])
+
+
+def test_grids_that_missed_their_optimum_are_listed(tmp_path):
+    """Sizes all above each budget's optimum: no grid brackets it, and the report says so."""
+    root = tmp_path / "missed" / "demo"
+    for b in (1e12, 1e13, 1e14):
+        for n in np.geomspace(b**0.5 / 2, b**0.5 * 4, 4):  # the planted optimum is near b^0.5 / 20
+            write_run(root, f"llama-{b:.0e}-{n:.0f}", "llama", "llama", float(round(n)), b / (6 * n), b)
+    out = report.build_report(root, n_boot=10, grid=SMALL_GRID)
+    index = (out / "index.md").read_text()
+    assert "0 of 3 (architecture, budget) grids bracket their optimum" in index
+    assert "## IsoFLOP grids that missed their optimum" in index and "harness-plan --extend" in index
+    assert index.count("below the smallest model size sampled") == 3
+    assert "| llama | isoflop | not fitted |" in index
