@@ -241,31 +241,33 @@ def _boot_reason(samples: np.ndarray, checks: Checks) -> list[str]:
     return [f"{failed:.0%} of bootstrap refits failed"] if failed > checks.max_boot_failed else []
 
 
-def _ratio_reason(name: str, draws: np.ndarray, checks: Checks) -> list[str]:
-    """A positive quantity whose interval spans an order of magnitude or more (or reaches 0)."""
+def _interval(draws: np.ndarray, checks: Checks) -> tuple[float, float] | None:
     draws = np.asarray(draws, dtype=float)
     draws = draws[np.isfinite(draws)]
     if not len(draws):
-        return []
+        return None
     q = 50 * (1 - checks.level)
     lo, hi = np.percentile(draws, [q, 100 - q])
-    if lo <= 0 or hi / lo > checks.max_ci_ratio:
-        span = "reaches 0" if lo <= 0 else f"spans {math.log10(hi / lo):.2g} orders of magnitude"
-        return [f"{name}: {round(100 * checks.level)}% interval [{lo:.3g}, {hi:.3g}] {span}"]
-    return []
+    return float(lo), float(hi)
+
+
+def _ratio_reason(name: str, draws: np.ndarray, checks: Checks) -> list[str]:
+    """A positive quantity whose interval spans an order of magnitude or more (or reaches 0)."""
+    iv = _interval(draws, checks)
+    if iv is None or (iv[0] > 0 and iv[1] / iv[0] <= checks.max_ci_ratio):
+        return []
+    lo, hi = iv
+    span = "reaches 0" if lo <= 0 else f"spans {math.log10(hi / lo):.2g} orders of magnitude"
+    return [f"{name}: {round(100 * checks.level)}% interval [{lo:.3g}, {hi:.3g}] {span}"]
 
 
 def _width_reason(name: str, draws: np.ndarray, checks: Checks) -> list[str]:
-    draws = np.asarray(draws, dtype=float)
-    draws = draws[np.isfinite(draws)]
-    if not len(draws):
+    """An exponent whose interval is wider than `max_exponent_width`."""
+    iv = _interval(draws, checks)
+    if iv is None or iv[1] - iv[0] <= checks.max_exponent_width:
         return []
-    q = 50 * (1 - checks.level)
-    lo, hi = np.percentile(draws, [q, 100 - q])
-    if hi - lo > checks.max_exponent_width:
-        return [f"{name}: {round(100 * checks.level)}% interval [{lo:.3g}, {hi:.3g}] is wider than "
-                f"{checks.max_exponent_width:g}"]  # fmt: skip
-    return []
+    return [f"{name}: {round(100 * checks.level)}% interval [{iv[0]:.3g}, {iv[1]:.3g}] is wider than "
+            f"{checks.max_exponent_width:g}"]  # fmt: skip
 
 
 def _bound_reason(
