@@ -328,14 +328,17 @@ def parametric_reasons(fit: Fit, n: np.ndarray, d: np.ndarray, loss: np.ndarray,
     return tuple(out)
 
 
-def power_law_reasons(fit: Fit, c: np.ndarray, what: str, checks: Checks = CHECKS) -> tuple[str, ...]:
-    """Why optima at compute values `c` do not identify `what` = k C^exponent."""
+def power_law_reasons(fit: Fit, c: np.ndarray, what: str, checks: Checks = CHECKS, distinct: int | None = None,
+                      span: np.ndarray | None = None) -> tuple[str, ...]:  # fmt: skip
+    """Why optima at compute values `c` do not identify `what` = k C^exponent; `distinct`: how many
+    different optima they hold (default: one per compute value), `span`: the compute they stand for."""
     k, p = fit.theta
     ok = fit._ok()
     c = np.asarray(c, dtype=float)
     c_ref = float(np.exp(np.mean(np.log(c)))) if len(c) else 1.0
-    out = _few_reason(len(np.unique(c)), 2, f"compute values with an optimum for {what}")
-    out += _span_reason(c, f"{what}: compute of the optima", checks)
+    n = len(np.unique(c)) if distinct is None else distinct
+    out = _few_reason(n, 2, f"distinct optima for {what}")
+    out += _span_reason(c if span is None else span, f"{what}: compute of the optima", checks)
     out += _boot_reason(fit.samples, checks)
     if len(ok):
         out += _width_reason(f"{what} exponent", ok[:, 1], checks)
@@ -399,22 +402,32 @@ def _grid(grid: dict[str, np.ndarray], order: list[str]) -> np.ndarray:
     return np.array(list(itertools.product(*(grid[k] for k in order))), dtype=float)
 
 
-def _bootstrap(n: int, n_boot: int, rng: np.random.Generator, refit: Callable[[np.ndarray], np.ndarray], width: int,
-               strata: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """Refits on `n_boot` resamples of row indices (within each stratum if given); NaN rows where a
-    resample cannot be fitted. Indices are drawn up front so results do not depend on refit order."""
+def _resamples(
+    n: int, n_boot: int, rng: np.random.Generator, strata: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """`n_boot` resamples of row indices with replacement (within each stratum if given), drawn up front
+    so results do not depend on refit order."""
     if strata is None:
-        draws = [rng.integers(0, n, n) for _ in range(n_boot)]
-    else:
-        groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
-        draws = [np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups]) for _ in range(n_boot)]
-    out = np.full((n_boot, width), np.nan)
-    for i, idx in enumerate(draws):
+        return [rng.integers(0, n, n) for _ in range(n_boot)]
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    return [np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups]) for _ in range(n_boot)]
+
+
+def _refits(draws: list, refit: Callable[..., np.ndarray], width: int) -> np.ndarray:
+    """One refit per draw; NaN rows where a draw cannot be fitted."""
+    out = np.full((len(draws), width), np.nan)
+    for i, x in enumerate(draws):
         try:
-            out[i] = refit(idx)
+            out[i] = refit(x)
         except FitError:
             pass
     return out
+
+
+def _bootstrap(n: int, n_boot: int, rng: np.random.Generator, refit: Callable[[np.ndarray], np.ndarray], width: int,
+               strata: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Refits on resampled row indices (`_resamples`)."""
+    return _refits(_resamples(n, n_boot, rng, strata), refit, width)
 
 
 def _exp(*logs: float) -> np.ndarray:
@@ -576,23 +589,26 @@ def _power_fit(c: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.array([*_exp(logk), p])
 
 
-def _allocation(kind: str, optima_fn: Callable[[np.ndarray], pd.DataFrame], n_rows: int, n_boot: int,
-                rng: np.random.Generator, strata: np.ndarray | None = None, checks: Checks = CHECKS,
-                extra_reasons: tuple[str, ...] = ()) -> Allocation:  # fmt: skip
-    def fit(idx: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
-        o = optima_fn(idx)
+def _allocation(kind: str, optima_fn: Callable[..., pd.DataFrame], full: object, draws: list, checks: Checks,
+                extra_reasons: tuple[str, ...] = (), span: np.ndarray | None = None) -> Allocation:  # fmt: skip
+    """Power laws N_opt, D_opt = k C^exponent through `optima_fn(full)`, refitted on `optima_fn(draw)`
+    for every bootstrap draw; `span`: the compute the optima stand for (default: theirs)."""
+
+    def fit(x: object) -> tuple[pd.DataFrame, np.ndarray]:
+        o = optima_fn(x)
         c = o["flops"].to_numpy(float)
         return o, np.concatenate(
             [_power_fit(c, o["N_opt"].to_numpy(float)), _power_fit(c, o["D_opt"].to_numpy(float))]
         )
 
-    optima, theta = fit(np.arange(n_rows))
-    samples = _bootstrap(n_rows, n_boot, rng, lambda i: fit(i)[1], 4, strata)
+    optima, theta = fit(full)
+    samples = _refits(draws, lambda x: fit(x)[1], 4)
     c = optima["flops"].to_numpy(float)
+    distinct = int(optima["N_opt"].nunique())  # the envelope's optima are a staircase of few sizes
 
     def mk(sl: slice, what: str) -> Fit:
         f = Fit(kind, ("k", "exponent"), theta[sl], samples[:, sl], len(optima), power_law)
-        return replace(f, reasons=extra_reasons + power_law_reasons(f, c, what, checks))
+        return replace(f, reasons=extra_reasons + power_law_reasons(f, c, what, checks, distinct, span))
 
     return Allocation(kind, mk(slice(0, 2), "N_opt"), mk(slice(2, 4), "D_opt"), optima)
 
@@ -641,9 +657,9 @@ def fit_envelope(curves: pd.DataFrame, runs: pd.DataFrame, rng: np.random.Genera
         if at_edge > checks.max_edge_share
         else []
     )
-    return _allocation(
-        "envelope", optima, len(per_run), n_boot, rng, checks=checks, extra_reasons=tuple(edge)
-    )
+    final_c = np.array([r[0][-1] for r in per_run])  # what the runs were trained for, not their early evals
+    draws = _resamples(len(per_run), n_boot, rng)
+    return _allocation("envelope", optima, np.arange(len(per_run)), draws, checks, tuple(edge), span=final_c)
 
 
 def isoflop_parabolas(runs: pd.DataFrame, budget_col: str = "flops_budget", n_col: str = N_COL,
@@ -688,14 +704,19 @@ def isoflop_parabolas(runs: pd.DataFrame, budget_col: str = "flops_budget", n_co
 
 def fit_isoflop(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200, budget_col: str = "flops_budget",
                 n_col: str = N_COL, loss_col: str = LOSS_COL, checks: Checks = CHECKS) -> Allocation:  # fmt: skip
-    """Approach 2: parabola vertices per budget, then power laws over budgets. Resamples redraw runs
-    within each budget, so every budget keeps its size."""
+    """Approach 2: parabola vertices per budget, then power laws over budgets.
+
+    The bootstrap keeps each grid's sizes (a fixed design: redrawing runs would leave a grid of three
+    sizes with fewer than three in most resamples) and redraws the noise: each run's loss is its
+    budget's fitted parabola plus a residual drawn from all budgets' residuals, each scaled by
+    sqrt(n / (n - 3)) for the three parameters its parabola used. Grids of three sizes leave no residual
+    to learn the noise from; when no grid has more, there is no interval, and the fit says so."""
     r = runs[np.isfinite(runs[budget_col].astype(float))].reset_index(drop=True)
     if r.empty:
         raise FitError("IsoFLOP fit needs runs with a flops_budget; none have one")
 
-    def optima(idx: np.ndarray) -> pd.DataFrame:
-        o = isoflop_parabolas(r.iloc[idx], budget_col, n_col, loss_col)
+    def optima(loss: np.ndarray) -> pd.DataFrame:
+        o = isoflop_parabolas(r.assign(**{loss_col: loss}), budget_col, n_col, loss_col)
         o = o[o["ok"]]
         if len(o) < 2:
             raise FitError(
@@ -704,8 +725,24 @@ def fit_isoflop(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200,
             )
         return o.reset_index(drop=True)
 
-    alloc = _allocation("isoflop", optima, len(r), n_boot, rng, strata=r[budget_col].to_numpy(float),
-                        checks=checks)  # fmt: skip
+    loss = r[loss_col].to_numpy(float)
+    fitted, pool = loss.copy(), []
+    for _, g in r.groupby(budget_col, sort=True):
+        x = np.log(g[n_col].to_numpy(float))
+        if len(np.unique(x)) < MIN_POINTS["isoflop"]:
+            continue
+        f = np.polyval(np.polyfit(x, g[loss_col].to_numpy(float), 2), x)
+        fitted[g.index] = f
+        if len(g) > 3:
+            pool.append((loss[g.index] - f) * math.sqrt(len(g) / (len(g) - 3)))
+    pool = np.concatenate(pool) if pool else np.zeros(0)
+    draws = [fitted + rng.choice(pool, len(r)) for _ in range(n_boot)] if len(pool) else []
+    alloc = _allocation("isoflop", optima, loss, draws, checks)
+    if not len(pool):
+        why = ("no bootstrap: every grid has three sizes or fewer, which a parabola fits exactly, so the "
+               "noise cannot be estimated")  # fmt: skip
+        alloc = replace(alloc, n_opt=replace(alloc.n_opt, reasons=(why, *alloc.n_opt.reasons)),
+                        d_opt=replace(alloc.d_opt, reasons=(why, *alloc.d_opt.reasons)))  # fmt: skip
     missed = isoflop_parabolas(r, budget_col, n_col, loss_col)
     missed = missed[~missed["ok"]]
     return replace(alloc, missed=missed.drop(columns=["N_coef", "D_coef"]).reset_index(drop=True))
@@ -727,9 +764,9 @@ def compute_multiplier(
     loss = frontier_loss(a[:k], np.array(flops))
     mult = np.array([frontier_inverse(b[i : i + 1], loss[i])[0] for i in range(k)]) / flops
     q = 50 * (1 - level)
-    with np.errstate(invalid="ignore"):  # inf draws (loss below the baseline's E) are legitimate
-        lo, hi = np.percentile(mult, [q, 100 - q])
-    return est, float(lo), float(hi)
+    # inf draws (a loss below the baseline's E) are legitimate; percentile would blend two of them into NaN
+    lo, hi = np.percentile(np.where(np.isinf(mult), np.finfo(float).max, mult), [q, 100 - q])
+    return est, *(math.inf if v >= np.finfo(float).max else float(v) for v in (lo, hi))
 
 
 def loss_difference(fit_a: Fit, fit_b: Fit, flops: float, level: float = 0.95) -> tuple[float, float, float]:

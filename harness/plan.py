@@ -258,8 +258,8 @@ def _run(c: float, i: int, nominal: int, v: str, sh: sizing.Shape, rules: PlanRu
 
 
 def sweep_results(results: Path, sweep_file: Path) -> pd.DataFrame:
-    """One row per run of a sweep file that has a usable result: variant, budget and the run's
-    N, tokens and final loss (runs are matched by the directory name their overrides give)."""
+    """One row per run of a sweep file: its directory name, variant and budget, and, where `usable`,
+    its result (N, tokens, final loss; runs are matched by the directory name their overrides give)."""
     from harness.config import run_name_from_overrides
     from harness.fit import split_usable
     from harness.results import collect
@@ -280,16 +280,28 @@ def sweep_results(results: Path, sweep_file: Path) -> pd.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # corrupt runs are simply not usable here
         kept, _ = split_usable(collect(results))
-    return planned.merge(kept, on="run")
+    return planned.merge(kept, on="run", how="left", indicator=True).assign(
+        usable=lambda t: t.pop("_merge") == "both"
+    )
 
 
 def extend(results: Path, sweep_file: Path, rules: PlanRules, max_new: int = 2) -> list[Run]:
     """Runs that would bracket the optimum of every (variant, budget) grid of a finished sweep that
     missed it: up to `max_new` more sizes past the edge the optimum lies beyond (continuing the grid's
     own log spacing), or on both sides when the parabola is not convex."""
+    from harness.config import run_name_from_overrides
     from harness.fit import N_COL, isoflop_parabolas
 
     table = sweep_results(results, sweep_file)
+    common = [str(o) for o in (yaml.safe_load(sweep_file.read_text()) or {}).get("common") or []]
+    planned = set(table["run"])  # every run of the file, trained or not: never planned twice
+
+    def name(r: Run) -> str:
+        return run_name_from_overrides(
+            list({o.split("=", 1)[0].lstrip("+~"): o for o in common + r.overrides()}.values())
+        )
+
+    table = table[table["usable"]]
     new: list[Run] = []
     for (v, c), g in table.groupby(["variant", "budget"], sort=True):
         par = isoflop_parabolas(g.assign(flops_budget=c)).iloc[0]
@@ -317,7 +329,10 @@ def extend(results: Path, sweep_file: Path, rules: PlanRules, max_new: int = 2) 
             if sh.params_nonembed in have:
                 continue
             have.add(sh.params_nonembed)
-            new.append(_run(c, len(have), sh.params_nonembed, v, sh, rules))
+            run = _run(c, len(have), sh.params_nonembed, v, sh, rules)
+            if name(run) not in planned:
+                planned.add(name(run))
+                new.append(run)
         if not any(r.variant == v and r.budget == c for r in new):
             log.warning("%s at %.3g: cannot add sizes past the edge (%s)", v, c, par["why"])
     return new
@@ -330,6 +345,7 @@ def centres_from(results: Path, sweep_file: Path, rules: PlanRules) -> dict[str,
     from harness.fit import isoflop_parabolas
 
     table = sweep_results(results, sweep_file)
+    table = table[table["usable"]]
     out = {}
     for v, g in table.groupby("variant", sort=True):
         par = isoflop_parabolas(g.assign(flops_budget=g["budget"]))
@@ -621,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
         reference=a.reference,
     )
     if a.extend:
-        return _main_extend(a, PlanRules(**kw), argv)
+        return _main_extend(a, argv)
     budgets, common, name = a.budgets, list(a.common), a.name
     if a.demo:
         budgets, common, name = budgets or list(DEMO_BUDGETS), common or list(DEMO_COMMON), name or "demo"
@@ -641,7 +657,11 @@ def main(argv: list[str] | None = None) -> None:
             rules = PlanRules(**kw)
             pilot = Path(a.centre_from)
             centres = centres_from(pilot, Path(a.out) / f"{pilot.name}.yaml", rules)
-            variants = a.families or sorted(centres)
+            variants = [sizing.resolve_variant(v) for v in a.families] if a.families else sorted(centres)
+            if not variants:
+                raise ValueError(
+                    f"no grid in {pilot} bracketed its optimum: nothing to centre on (give --families)"
+                )
             runs = [r for v in variants for r in plan(budgets, [v], centres.get(v, rules))]
         else:
             rules = demo_full_rules() if a.demo_full else PlanRules(**kw)
@@ -659,7 +679,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}; run it with: harness-train -m sweep={name}")
 
 
-def _main_extend(a: argparse.Namespace, cli_rules: PlanRules, argv: list[str] | None) -> None:
+def _main_extend(a: argparse.Namespace, argv: list[str] | None) -> None:
     results = Path(a.extend)
     name = a.name or results.name
     path = Path(a.out) / f"{name}.yaml"
@@ -668,7 +688,10 @@ def _main_extend(a: argparse.Namespace, cli_rules: PlanRules, argv: list[str] | 
     if not path.is_file():
         sys.exit(f"harness-plan: no sweep file {path} for {results} (give --name or --out)")
     spec = yaml.safe_load(path.read_text()) or {}
-    rules = rules_from_sweep(path) or cli_rules
+    rules = rules_from_sweep(path)
+    if rules is None:
+        sys.exit(f"harness-plan: {path} has no plan: section (the rules its runs were planned with), so new "
+                 "sizes could not match them; re-plan it with this version of harness-plan")  # fmt: skip
     common = [str(o) for o in spec.get("common") or []]
     try:
         runs = extend(results, path, rules)
@@ -683,7 +706,7 @@ def _main_extend(a: argparse.Namespace, cli_rules: PlanRules, argv: list[str] | 
         lines = path.read_text().splitlines()
         kept = lines[lines.index("runs:") + 1 :] if "runs:" in lines else []
         cmd = "harness-plan " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_sweep(path, name, runs, common, cmd.strip(), rules if "plan" in spec else None, kept)
+        write_sweep(path, name, runs, common, cmd.strip(), rules, kept)
         print(f"added {len(runs)} runs to {path}; run them with: harness-train -m sweep={name} "
               f"(finished runs are skipped), then harness-report {results}")  # fmt: skip
 

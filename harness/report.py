@@ -224,7 +224,8 @@ def plot_isoflop(kept: pd.DataFrame, parabolas: dict[str, pd.DataFrame]) -> byte
                 ax.scatter(
                     [row.N_opt], [row.L_opt], marker="*", s=150, color=col, edgecolor="black", zorder=5
                 )
-            elif convex and np.isfinite(row.N_opt):  # optimum beyond the grid: mark the edge it lies past
+            elif convex and np.isfinite(row.N_opt) and not row.N_min < row.N_opt < row.N_max:
+                # optimum beyond the grid: mark the edge it lies past
                 below = row.N_opt <= row.N_min
                 edge = row.N_min if below else row.N_max
                 ax.scatter([edge], [np.polyval(row.N_coef, math.log(edge))], marker="<" if below else ">", s=70,

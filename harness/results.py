@@ -133,16 +133,16 @@ def _short(x: float) -> str:
 
 
 def run_label(r: Any) -> str:
-    """What varies between the runs of a sweep, for people: 'mamba N=12.6k D=700k C=1e11'.
+    """What varies between the runs of a sweep, for people: 'mamba N=12.6k D=700k C=1e+11'.
     The directory name (derived from overrides) stays the key; this is only for tables and plots."""
     parts = [str(r.arch or r.family or r.run)]
     for key, v in (("N", r.params_nonembed), ("D", r.tokens)):
         if _finite(v):
             parts.append(f"{key}={_short(float(v))}")
     if _finite(r.flops_budget):
-        parts.append(f"C={float(r.flops_budget):.2g}")
+        parts.append(f"C={float(r.flops_budget):.3g}")
     elif _finite(r.flops_train):
-        parts.append(f"C={float(r.flops_train):.2g}")
+        parts.append(f"C={float(r.flops_train):.3g}")
     return " ".join(parts) if len(parts) > 1 else str(r.run)
 
 

@@ -311,3 +311,25 @@ def test_failed_refits_wide_intervals_and_few_points_are_reported():
     assert "30% of bootstrap refits failed" in why
     assert "E: 95% interval" in why and "orders of magnitude" in why
     assert "too few points: 3 runs on the compute frontier for 3 parameters" in why
+
+
+def test_isoflop_bootstrap_keeps_small_grids():
+    """Four sizes per budget: the fixed-design bootstrap keeps every grid, so refits do not fail for
+    want of sizes; three sizes fit a parabola exactly and leave no noise to resample, which is said."""
+    rng = np.random.default_rng(9)
+    runs = isoflop_runs(rng, sizes=4, noise=0.005)
+    alloc = F.fit_isoflop(runs, rng, n_boot=100)
+    assert alloc.n_opt.table()["n_boot_failed"].iloc[0] <= 5
+    three = isoflop_runs(rng, sizes=3, noise=0.005)
+    why = " ".join(F.fit_isoflop(three, rng, n_boot=20).reasons)
+    assert "three sizes or fewer" in why
+
+
+def test_multiplier_interval_is_unbounded_not_nan_when_some_draws_never_reach():
+    th, base = np.array([2.0, 60.0, 0.3]), np.array([1.9, 60.0, 0.3])
+    draws = np.tile(base, (200, 1))
+    draws[:10, 0] = 3.0  # in 5% of refits the baseline's asymptote lies above the target loss
+    f = F.Fit("frontier", ("E", "A", "alpha"), th, np.tile(th, (200, 1)), 10, F.frontier_loss)
+    b = F.Fit("frontier", ("E", "A", "alpha"), base, draws, 10, F.frontier_loss)
+    m, lo, hi = F.compute_multiplier(f, b, 1e13)
+    assert np.isfinite(m) and np.isfinite(lo) and hi == np.inf

@@ -186,3 +186,32 @@ def test_centre_from_a_pilot_extrapolates_the_optimum_law(tmp_path):
     assert plan.compute_optimal_params(3.2e11, "mamba", centres["mamba"]) == pytest.approx(
         law(3.2e11), rel=0.05
     )
+
+
+def test_extend_never_plans_a_run_twice_and_refuses_a_file_without_rules(tmp_path):
+    import math
+
+    rules = plan.demo_rules()
+    runs = plan.plan([4e10], ["llama"], rules)
+    sweep_file = tmp_path / "sweeps" / "twice.yaml"
+    plan.write_sweep(sweep_file, "twice", runs, list(plan.DEMO_COMMON), rules=rules)
+    n_star = min(r.params for r in runs) / 3
+    _fake_results(
+        tmp_path / "results", sweep_file, lambda n, c: 2.0 + 0.05 * (math.log(n) - math.log(n_star)) ** 2
+    )
+    results = str(tmp_path / "results" / "twice")
+    plan.main(["--extend", results, "--out", str(tmp_path / "sweeps")])
+    n = len(yaml.safe_load(sweep_file.read_text())["runs"])
+    assert n > len(runs)
+    # the added runs are not trained yet; extending again adds nothing and the file still loads
+    assert plan.extend(tmp_path / "results" / "twice", sweep_file, rules) == []
+    from hydra_plugins.harness_sweeper import load_sweep_file
+
+    assert len(load_sweep_file(sweep_file, "twice")) == n
+    bare = tmp_path / "sweeps" / "bare.yaml"
+    bare.write_text(
+        sweep_file.read_text().replace("sweep: twice", "sweep: bare").replace("\nplan:", "\n#plan:")
+    )
+    (tmp_path / "results" / "bare").mkdir()
+    with pytest.raises(SystemExit, match="no plan: section"):
+        plan.main(["--extend", str(tmp_path / "results" / "bare"), "--out", str(tmp_path / "sweeps")])
