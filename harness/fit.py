@@ -665,9 +665,9 @@ def fit_envelope(curves: pd.DataFrame, runs: pd.DataFrame, rng: np.random.Genera
 def isoflop_parabolas(runs: pd.DataFrame, budget_col: str = "flops_budget", n_col: str = N_COL,
                       loss_col: str = LOSS_COL) -> pd.DataFrame:  # fmt: skip
     """One row per budget: parabola coefficients of L in log N and in log D (highest power first), the
-    vertices, the sampled range and whether the budget gives an optimum. `ok` is True only when both
-    parabolas are convex and both vertices lie strictly inside the sampled sizes and token counts;
-    `why` says otherwise (too few sizes, not convex, optimum below or above the sampled sizes)."""
+    vertices, the sampled range and whether the budget gives an optimum. `ok` is True only when the
+    grid brackets the optimum: both parabolas convex, both vertices strictly inside the sampled sizes
+    and token counts, and the best run not at either end of the grid; `why` says otherwise."""
     rows = []
     for budget, g in runs[np.isfinite(runs[budget_col])].groupby(budget_col, sort=True):
         row = dict(
@@ -693,6 +693,13 @@ def isoflop_parabolas(runs: pd.DataFrame, budget_col: str = "flops_budget", n_co
                 side = "below the smallest" if v <= lo else "above the largest"
                 what = "model size" if name == "N" else "token count"
                 why.append(f"optimum {name} = {v:.3g} {side} {what} sampled ({lo if v <= lo else hi:.3g})")
+            elif name == "N" and x[np.argmin(y)] in (x.min(), x.max()):
+                # a bracket needs a worse size on each side of the best one; a vertex just inside the
+                # edge with the edge's run the best is still an extrapolation
+                edge = "smallest" if x[np.argmin(y)] == x.min() else "largest"
+                why.append(
+                    f"the lowest loss is at the {edge} model size sampled ({np.exp(x[np.argmin(y)]):.3g})"
+                )
         row["ok"] = not why
         row["why"] = "; ".join(dict.fromkeys(why))
         row["L_opt"] = (float(np.polyval(row["N_coef"], math.log(row["N_opt"])))

@@ -311,9 +311,9 @@ def extend(results: Path, sweep_file: Path, rules: PlanRules, max_new: int = 2) 
         step = float(np.exp(np.mean(np.diff(np.log(sizes))))) if len(sizes) > 1 else rules.size_spread
         step = max(step, 1.5)
         best = float(g.sort_values("final_val_loss")[N_COL].iloc[0])
-        vertex = par["N_opt"]
-        below = vertex <= sizes[0] if np.isfinite(vertex) else best == sizes[0]
-        above = vertex >= sizes[-1] if np.isfinite(vertex) else best == sizes[-1]
+        vertex = par["N_opt"] if np.isfinite(par["N_opt"]) else best
+        below = vertex <= sizes[0] or best == sizes[0]
+        above = (vertex >= sizes[-1] or best == sizes[-1]) and not below
         targets = []
         if below or not above:
             targets += [sizes[0] / step**k for k in range(1, max_new + 1)]

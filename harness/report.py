@@ -224,12 +224,16 @@ def plot_isoflop(kept: pd.DataFrame, parabolas: dict[str, pd.DataFrame]) -> byte
                 ax.scatter(
                     [row.N_opt], [row.L_opt], marker="*", s=150, color=col, edgecolor="black", zorder=5
                 )
-            elif convex and np.isfinite(row.N_opt) and not row.N_min < row.N_opt < row.N_max:
-                # optimum beyond the grid: mark the edge it lies past
-                below = row.N_opt <= row.N_min
-                edge = row.N_min if below else row.N_max
-                ax.scatter([edge], [np.polyval(row.N_coef, math.log(edge))], marker="<" if below else ">", s=70,
-                           facecolor="none", edgecolor=col, lw=1.5, zorder=5)  # fmt: skip
+            elif convex and np.isfinite(row.N_opt):
+                # the optimum lies past an edge (its vertex is beyond it, or the edge's run is the best):
+                # mark that edge
+                best = float(gb.loc[gb[F.LOSS_COL].idxmin(), F.N_COL])
+                below = row.N_opt <= row.N_min or (best == row.N_min and row.N_opt < row.N_max)
+                above = row.N_opt >= row.N_max or (best == row.N_max and row.N_opt > row.N_min)
+                if below or above:
+                    edge = row.N_min if below else row.N_max
+                    ax.scatter([edge], [gb.loc[gb[F.N_COL] == edge, F.LOSS_COL].min()], marker="<" if below else ">",
+                               s=90, facecolor="none", edgecolor=col, lw=1.5, zorder=5)  # fmt: skip
         ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="final val loss (nats/token)",
                title=f"{arch}: {int(par['ok'].sum())}/{len(par)} budgets bracket the optimum")  # fmt: skip
     handles = [
@@ -238,7 +242,7 @@ def plot_isoflop(kept: pd.DataFrame, parabolas: dict[str, pd.DataFrame]) -> byte
     handles += [
         plt.Line2D([], [], color="grey", marker="*", ms=11, mec="black", lw=0, label="optimum inside the grid"),
         plt.Line2D([], [], color="grey", marker=">", ms=8, mfc="none", lw=0,
-                   label="optimum beyond this edge (not used)"),
+                   label="optimum at or past this edge (not used)"),
         plt.Line2D([], [], color="grey", ls=":", label="parabola not convex (not used)"),
     ]  # fmt: skip
     fig.tight_layout()
@@ -495,7 +499,7 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
          "training_curves.png"),
         ("IsoFLOP curves", f"Loss against model size at each compute budget, one panel per architecture, with a "
          f"parabola in log N (approach 2). {int(iso['ok'].sum())} of {n_iso} (architecture, budget) grids bracket "
-         "their optimum (star); an optimum beyond the sampled sizes (open triangle) or a parabola that is not convex "
+         "their optimum (star); an optimum at or beyond the edge of the sampled sizes (open triangle) or a parabola that is not convex "
          "(dotted) is an extrapolation and is left out of the allocation fit.", None, "isoflop.png"),
         ("IsoFLOP grids that missed their optimum", "These budgets need more model sizes on the side the triangle "
          "points to; `harness-plan --extend RESULTS` writes the runs that would bracket them." if len(missed)

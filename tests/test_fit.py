@@ -333,3 +333,14 @@ def test_multiplier_interval_is_unbounded_not_nan_when_some_draws_never_reach():
     b = F.Fit("frontier", ("E", "A", "alpha"), base, draws, 10, F.frontier_loss)
     m, lo, hi = F.compute_multiplier(f, b, 1e13)
     assert np.isfinite(m) and np.isfinite(lo) and hi == np.inf
+
+
+def test_a_vertex_just_inside_the_grid_with_the_best_run_at_its_edge_is_no_bracket():
+    n = np.geomspace(1e6, 1e8, 5)
+    loss = 2.0 + 0.01 * (np.log(n) - np.log(1.05e6)) ** 2  # vertex 5% above the smallest size
+    runs = pd.DataFrame(
+        {"params_nonembed": n, "tokens": 1e19 / (6 * n), "flops_budget": 1e19, "final_val_loss": loss}
+    )
+    row = F.isoflop_parabolas(runs).iloc[0]
+    assert row["N_min"] < row["N_opt"] < row["N_max"] and not row["ok"]
+    assert row["why"].startswith("the lowest loss is at the smallest model size sampled")
