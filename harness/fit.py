@@ -127,7 +127,6 @@ class Allocation:
     n_opt: Fit
     d_opt: Fit
     optima: pd.DataFrame
-    missed: pd.DataFrame = field(default_factory=pd.DataFrame)  # IsoFLOP budgets that gave no optimum
 
     @property
     def reasons(self) -> tuple[str, ...]:
@@ -136,6 +135,13 @@ class Allocation:
     @property
     def status(self) -> str:
         return NOT_IDENTIFIED if self.reasons else IDENTIFIED
+
+    def with_reasons(self, reasons: tuple[str, ...]) -> Allocation:
+        """The same allocation with `reasons` put first on both of its laws."""
+        if not reasons:
+            return self
+        return replace(self, n_opt=replace(self.n_opt, reasons=reasons + self.n_opt.reasons),
+                       d_opt=replace(self.d_opt, reasons=reasons + self.d_opt.reasons))  # fmt: skip
 
     def table(self, level: float = 0.95) -> pd.DataFrame:
         a = self.n_opt.table(level).assign(param=lambda t: "N_opt." + t.param)
@@ -590,7 +596,7 @@ def _power_fit(c: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _allocation(kind: str, optima_fn: Callable[..., pd.DataFrame], full: object, draws: list, checks: Checks,
-                extra_reasons: tuple[str, ...] = (), span: np.ndarray | None = None) -> Allocation:  # fmt: skip
+                span: np.ndarray | None = None) -> Allocation:  # fmt: skip
     """Power laws N_opt, D_opt = k C^exponent through `optima_fn(full)`, refitted on `optima_fn(draw)`
     for every bootstrap draw; `span`: the compute the optima stand for (default: theirs)."""
 
@@ -608,7 +614,7 @@ def _allocation(kind: str, optima_fn: Callable[..., pd.DataFrame], full: object,
 
     def mk(sl: slice, what: str) -> Fit:
         f = Fit(kind, ("k", "exponent"), theta[sl], samples[:, sl], len(optima), power_law)
-        return replace(f, reasons=extra_reasons + power_law_reasons(f, c, what, checks, distinct, span))
+        return replace(f, reasons=power_law_reasons(f, c, what, checks, distinct, span))
 
     return Allocation(kind, mk(slice(0, 2), "N_opt"), mk(slice(2, 4), "D_opt"), optima)
 
@@ -648,18 +654,15 @@ def fit_envelope(curves: pd.DataFrame, runs: pd.DataFrame, rng: np.random.Genera
             raise FitError("envelope fit needs two or more runs on the lower envelope of the training curves")
         return o
 
-    sizes = np.array([r[3] for r in per_run])
-    at_edge = float(np.isin(optima(np.arange(len(per_run)))["N_opt"], [sizes.min(), sizes.max()]).mean())
-    edge = (
-        [
-            f"the envelope's optimum is the smallest or largest model trained at {at_edge:.0%} of compute values"
-        ]
-        if at_edge > checks.max_edge_share
-        else []
-    )
     final_c = np.array([r[0][-1] for r in per_run])  # what the runs were trained for, not their early evals
     draws = _resamples(len(per_run), n_boot, rng)
-    return _allocation("envelope", optima, np.arange(len(per_run)), draws, checks, tuple(edge), span=final_c)
+    alloc = _allocation("envelope", optima, np.arange(len(per_run)), draws, checks, span=final_c)
+    sizes = np.array([r[3] for r in per_run])
+    at_edge = float(np.isin(alloc.optima["N_opt"], [sizes.min(), sizes.max()]).mean())
+    if at_edge > checks.max_edge_share:
+        why = f"the envelope's optimum is the smallest or largest model trained at {at_edge:.0%} of compute values"
+        return alloc.with_reasons((why,))
+    return alloc
 
 
 def isoflop_parabolas(runs: pd.DataFrame, budget_col: str = "flops_budget", n_col: str = N_COL,
@@ -667,13 +670,16 @@ def isoflop_parabolas(runs: pd.DataFrame, budget_col: str = "flops_budget", n_co
     """One row per budget: parabola coefficients of L in log N and in log D (highest power first), the
     vertices, the sampled range and whether the budget gives an optimum. `ok` is True only when the
     grid brackets the optimum: both parabolas convex, both vertices strictly inside the sampled sizes
-    and token counts, and the best run not at either end of the grid; `why` says otherwise."""
+    and token counts, and the best run not at either end of the grid; `why` says otherwise, and `side`
+    ("below", "above" or "") on which side of the sizes the optimum lies when the grid misses it: past
+    the vertex's edge, else past the edge whose run is the best."""
     rows = []
     for budget, g in runs[np.isfinite(runs[budget_col])].groupby(budget_col, sort=True):
         row = dict(
             flops=float(budget), n_runs=len(g), N_min=float(g[n_col].min()), N_max=float(g[n_col].max())
         )
-        why = []
+        why, side = [], ""
+        best = float(g[n_col].iloc[int(np.argmin(g[loss_col].to_numpy(float)))])
         for col, name in ((n_col, "N"), ("tokens", "D")):
             x, y = np.log(g[col].to_numpy(float)), g[loss_col].to_numpy(float)
             row.update({f"{name}_opt": math.nan, f"{name}_coef": None})
@@ -690,22 +696,38 @@ def isoflop_parabolas(runs: pd.DataFrame, budget_col: str = "flops_budget", n_co
             row[f"{name}_opt"] = v
             lo, hi = float(np.exp(x.min())), float(np.exp(x.max()))
             if not lo < v < hi:
-                side = "below the smallest" if v <= lo else "above the largest"
+                where = "below the smallest" if v <= lo else "above the largest"
                 what = "model size" if name == "N" else "token count"
-                why.append(f"optimum {name} = {v:.3g} {side} {what} sampled ({lo if v <= lo else hi:.3g})")
-            elif name == "N" and x[np.argmin(y)] in (x.min(), x.max()):
+                why.append(f"optimum {name} = {v:.3g} {where} {what} sampled ({lo if v <= lo else hi:.3g})")
+                if name == "N":
+                    side = "below" if v <= lo else "above"
+            elif name == "N" and best in (row["N_min"], row["N_max"]):
                 # a bracket needs a worse size on each side of the best one; a vertex just inside the
                 # edge with the edge's run the best is still an extrapolation
-                edge = "smallest" if x[np.argmin(y)] == x.min() else "largest"
-                why.append(
-                    f"the lowest loss is at the {edge} model size sampled ({np.exp(x[np.argmin(y)]):.3g})"
-                )
+                edge = "smallest" if best == row["N_min"] else "largest"
+                why.append(f"the lowest loss is at the {edge} model size sampled ({best:.3g})")
+        if why and not side and best in (row["N_min"], row["N_max"]):
+            side = "below" if best == row["N_min"] else "above"
         row["ok"] = not why
+        row["side"] = side
         row["why"] = "; ".join(dict.fromkeys(why))
         row["L_opt"] = (float(np.polyval(row["N_coef"], math.log(row["N_opt"])))
                         if np.isfinite(row["N_opt"]) else math.nan)  # fmt: skip
         rows.append(row)
-    cols = ["flops", "n_runs", "ok", "why", "N_opt", "D_opt", "L_opt", "N_min", "N_max", "N_coef", "D_coef"]
+    cols = [
+        "flops",
+        "n_runs",
+        "ok",
+        "why",
+        "side",
+        "N_opt",
+        "D_opt",
+        "L_opt",
+        "N_min",
+        "N_max",
+        "N_coef",
+        "D_coef",
+    ]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
@@ -733,26 +755,21 @@ def fit_isoflop(runs: pd.DataFrame, rng: np.random.Generator, n_boot: int = 200,
         return o.reset_index(drop=True)
 
     loss = r[loss_col].to_numpy(float)
+    coefs = isoflop_parabolas(r, budget_col, n_col, loss_col).set_index("flops")["N_coef"]
     fitted, pool = loss.copy(), []
-    for _, g in r.groupby(budget_col, sort=True):
-        x = np.log(g[n_col].to_numpy(float))
-        if len(np.unique(x)) < MIN_POINTS["isoflop"]:
+    for budget, g in r.groupby(budget_col, sort=True):
+        if not isinstance(coefs[budget], np.ndarray):  # too few sizes for a parabola
             continue
-        f = np.polyval(np.polyfit(x, g[loss_col].to_numpy(float), 2), x)
-        fitted[g.index] = f
+        fitted[g.index] = np.polyval(coefs[budget], np.log(g[n_col].to_numpy(float)))
         if len(g) > 3:
-            pool.append((loss[g.index] - f) * math.sqrt(len(g) / (len(g) - 3)))
+            pool.append((loss[g.index] - fitted[g.index]) * math.sqrt(len(g) / (len(g) - 3)))
     pool = np.concatenate(pool) if pool else np.zeros(0)
     draws = [fitted + rng.choice(pool, len(r)) for _ in range(n_boot)] if len(pool) else []
     alloc = _allocation("isoflop", optima, loss, draws, checks)
     if not len(pool):
-        why = ("no bootstrap: every grid has three sizes or fewer, which a parabola fits exactly, so the "
-               "noise cannot be estimated")  # fmt: skip
-        alloc = replace(alloc, n_opt=replace(alloc.n_opt, reasons=(why, *alloc.n_opt.reasons)),
-                        d_opt=replace(alloc.d_opt, reasons=(why, *alloc.d_opt.reasons)))  # fmt: skip
-    missed = isoflop_parabolas(r, budget_col, n_col, loss_col)
-    missed = missed[~missed["ok"]]
-    return replace(alloc, missed=missed.drop(columns=["N_coef", "D_coef"]).reset_index(drop=True))
+        return alloc.with_reasons(("no bootstrap: every grid has three sizes or fewer, which a parabola fits "
+                                   "exactly, so the noise cannot be estimated",))  # fmt: skip
+    return alloc
 
 
 # --- comparisons at fixed compute ----------------------------------------------------------------

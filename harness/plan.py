@@ -263,16 +263,13 @@ def sweep_results(results: Path, sweep_file: Path) -> pd.DataFrame:
     from harness.config import run_name_from_overrides
     from harness.fit import split_usable
     from harness.results import collect
+    from hydra_plugins.harness_sweeper import load_sweep_file
 
-    spec = yaml.safe_load(sweep_file.read_text())
-    common = [str(o) for o in spec.get("common") or []]
     rows = []
-    for r in spec.get("runs") or []:
-        ov = [str(o) for o in (r.get("overrides") if isinstance(r, dict) else r)]
+    for ov in load_sweep_file(sweep_file, sweep_file.stem):  # each run's overrides, `common` merged in
         kv = dict(o.lstrip("+").split("=", 1) for o in ov if "=" in o)
         if "model" in kv and "train.flops_budget" in kv:
-            merged = {o.split("=", 1)[0].lstrip("+~"): o for o in common + ov}
-            rows.append(dict(run=run_name_from_overrides(list(merged.values())), variant=kv["model"],
+            rows.append(dict(run=kv.get("run_name") or run_name_from_overrides(ov), variant=kv["model"],
                              budget=float(kv["train.flops_budget"])))  # fmt: skip
     planned = pd.DataFrame(rows, columns=["run", "variant", "budget"])
     import warnings
@@ -291,15 +288,14 @@ def extend(results: Path, sweep_file: Path, rules: PlanRules, max_new: int = 2) 
     own log spacing), or on both sides when the parabola is not convex."""
     from harness.config import run_name_from_overrides
     from harness.fit import N_COL, isoflop_parabolas
+    from hydra_plugins.harness_sweeper import merge_overrides
 
     table = sweep_results(results, sweep_file)
     common = [str(o) for o in (yaml.safe_load(sweep_file.read_text()) or {}).get("common") or []]
     planned = set(table["run"])  # every run of the file, trained or not: never planned twice
 
     def name(r: Run) -> str:
-        return run_name_from_overrides(
-            list({o.split("=", 1)[0].lstrip("+~"): o for o in common + r.overrides()}.values())
-        )
+        return run_name_from_overrides(merge_overrides(common, r.overrides()))
 
     table = table[table["usable"]]
     new: list[Run] = []
@@ -310,14 +306,10 @@ def extend(results: Path, sweep_file: Path, rules: PlanRules, max_new: int = 2) 
         sizes = np.sort(g[N_COL].unique().astype(float))
         step = float(np.exp(np.mean(np.diff(np.log(sizes))))) if len(sizes) > 1 else rules.size_spread
         step = max(step, 1.5)
-        best = float(g.sort_values("final_val_loss")[N_COL].iloc[0])
-        vertex = par["N_opt"] if np.isfinite(par["N_opt"]) else best
-        below = vertex <= sizes[0] or best == sizes[0]
-        above = (vertex >= sizes[-1] or best == sizes[-1]) and not below
-        targets = []
-        if below or not above:
+        targets = []  # past the edge the optimum lies beyond; both edges when that is unknown
+        if par["side"] != "above":
             targets += [sizes[0] / step**k for k in range(1, max_new + 1)]
-        if above or not below:
+        if par["side"] != "below":
             targets += [sizes[-1] * step**k for k in range(1, max_new + 1)]
         smallest = _smallest(v, rules).params_nonembed
         have = {int(n) for n in sizes}

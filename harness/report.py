@@ -98,8 +98,7 @@ def fits_table(fits: Fits, level: float) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=FIT_COLS)
     t = pd.concat(frames, ignore_index=True)
-    cols = FIT_COLS
-    return t[cols].sort_values(["arch", "approach"], kind="stable").reset_index(drop=True)
+    return t[FIT_COLS].sort_values(["arch", "approach"], kind="stable").reset_index(drop=True)
 
 
 # --- plots ---------------------------------------------------------------------------------------
@@ -224,16 +223,11 @@ def plot_isoflop(kept: pd.DataFrame, parabolas: dict[str, pd.DataFrame]) -> byte
                 ax.scatter(
                     [row.N_opt], [row.L_opt], marker="*", s=150, color=col, edgecolor="black", zorder=5
                 )
-            elif convex and np.isfinite(row.N_opt):
-                # the optimum lies past an edge (its vertex is beyond it, or the edge's run is the best):
-                # mark that edge
-                best = float(gb.loc[gb[F.LOSS_COL].idxmin(), F.N_COL])
-                below = row.N_opt <= row.N_min or (best == row.N_min and row.N_opt < row.N_max)
-                above = row.N_opt >= row.N_max or (best == row.N_max and row.N_opt > row.N_min)
-                if below or above:
-                    edge = row.N_min if below else row.N_max
-                    ax.scatter([edge], [gb.loc[gb[F.N_COL] == edge, F.LOSS_COL].min()], marker="<" if below else ">",
-                               s=90, facecolor="none", edgecolor=col, lw=1.5, zorder=5)  # fmt: skip
+            elif convex and row.side:  # the optimum lies at or past this edge: mark it
+                edge = row.N_min if row.side == "below" else row.N_max
+                ax.scatter([edge], [gb.loc[gb[F.N_COL] == edge, F.LOSS_COL].min()],
+                           marker="<" if row.side == "below" else ">", s=90, facecolor="none", edgecolor=col,
+                           lw=1.5, zorder=5)  # fmt: skip
         ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="final val loss (nats/token)",
                title=f"{arch}: {int(par['ok'].sum())}/{len(par)} budgets bracket the optimum")  # fmt: skip
     handles = [
