@@ -31,6 +31,7 @@ class DataConfig:
     split: str = "train"  # hf_disk: which split of a saved DatasetDict
     tokenizer: str = "byte"  # "byte" (vocab 256) or a path to a Hugging Face tokenizer.json
     val_fraction: float = 0.05
+    decode: str = "strict"  # text_file: "strict" refuses invalid UTF-8; "replace" maps it to U+FFFD
     cache_dir: str = ".cache/data"  # tokenized shards, keyed by content hash
 
     def __post_init__(self) -> None:
@@ -46,6 +47,8 @@ class DataConfig:
             raise ValueError(f"no dataset saved with datasets.save_to_disk at data.path={self.path!r}")
         if self.tokenizer != "byte" and not Path(self.tokenizer).is_file():
             raise ValueError(f"tokenizer file not found: data.tokenizer={self.tokenizer!r}")
+        if self.decode not in ("strict", "replace"):
+            raise ValueError(f"data.decode must be strict or replace, got {self.decode!r}")
         if not 0 < self.val_fraction < 0.5:
             raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
@@ -86,11 +89,34 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves the default
     progress: bool = True
     stop_after_steps: int = 0  # stop (as if preempted) after this many steps in this process; tests
+    # Another live process owns the run directory: "fail" names it and exits non-zero, "skip" logs
+    # and returns, "wait" polls until it finishes (then skips) or dies (then takes over).
+    if_busy: str = "fail"
+    owner_stale_s: float = 600.0  # an owner whose heartbeat is older is presumed dead
+    # Divergence beside non-finite losses: the train loss above spike_factor x its running minimum
+    # for spike_steps steps in a row (0 disables), or a validation loss after warmup worse than
+    # guessing uniformly, ln(vocab_size). Either ends the run as failed with the reason.
+    spike_factor: float = 3.0
+    spike_steps: int = 10
+    fail_above_uniform: bool = True
+    # "auto" resumes from the newest checkpoint and stops, naming it, when it cannot be loaded;
+    # "skip-broken" moves such checkpoints to ckpt/broken_* and resumes from the one before (or
+    # from scratch).
+    resume: str = "auto"
+    keep_checkpoints: int = 1  # newest checkpoints kept; 2 leaves skip-broken somewhere to go
 
     def __post_init__(self) -> None:
-        for f in ("tokens", "batch_size", "eval_every", "eval_batches", "log_every"):
+        for f in ("tokens", "batch_size", "eval_every", "eval_batches", "log_every", "keep_checkpoints"):
             if getattr(self, f) < 1:
                 raise ValueError(f"train.{f} must be >= 1, got {getattr(self, f)}")
+        if self.if_busy not in ("fail", "skip", "wait"):
+            raise ValueError(f"train.if_busy must be fail, skip or wait, got {self.if_busy!r}")
+        if self.resume not in ("auto", "skip-broken"):
+            raise ValueError(f"train.resume must be auto or skip-broken, got {self.resume!r}")
+        if self.spike_factor and self.spike_factor <= 1:
+            raise ValueError(f"train.spike_factor must be > 1 (or 0 to disable), got {self.spike_factor}")
+        if self.spike_steps < 1 or self.owner_stale_s <= 0:
+            raise ValueError("train.spike_steps must be >= 1 and train.owner_stale_s > 0")
 
 
 @dataclass(kw_only=True)
@@ -140,7 +166,9 @@ def register_configs() -> None:
 # Fields that choose where or how an attempt executes, not what it computes: left out of run names,
 # and free to change when a run resumes.
 EXECUTION_ONLY: dict[str, tuple[str, ...]] = {
-    "train": ("device", "threads", "progress", "log_every", "ckpt_every", "stop_after_steps"),
+    "train": ("device", "threads", "progress", "log_every", "ckpt_every", "stop_after_steps", "if_busy",
+              "owner_stale_s", "spike_factor", "spike_steps", "fail_above_uniform", "resume",
+              "keep_checkpoints"),  # fmt: skip
     "data": ("cache_dir",),
     "model": ("backend",),  # which kernels compute the same function (torch, native C, CUDA)
 }

@@ -34,7 +34,7 @@ from safetensors.torch import load_model
 from harness.data import ByteTokenizer, HFTokenizer, get_tokenizer
 from harness.fileio import atomic_write_json
 from harness.models import build_model, make_config
-from harness.train import latest_checkpoint
+from harness.rundir import latest_checkpoint
 
 try:
     from lm_eval.api.model import LM

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,14 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
 from harness import flops
 from harness.config import EXECUTION_ONLY, OptimConfig, RunConfig, run_config_dict
 from harness.data import WindowLoader, check_windows, prepare, val_batches
-from harness.fileio import atomic_write_json, atomic_write_text, fsync_tree
+from harness.fileio import atomic_write_json, atomic_write_text
 from harness.models import build_model
+from harness.rundir import latest_checkpoint, load_checkpoint, read_metrics, read_summary, save_checkpoint
 
 log = logging.getLogger("harness.train")
 
@@ -100,64 +99,6 @@ def evaluate(model, data, run: RunConfig, device, autocast) -> float:
 
 
 # ---------------------------------------------------------------- run directory
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    p = run_dir / "summary.json"
-    try:
-        return json.loads(p.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted((run_dir / "ckpt").glob("step_*"))
-    return done[-1] if done else None
-
-
-def save_checkpoint(run_dir: Path, model, opt, step: int, state: dict[str, Any]) -> None:
-    ckpt = run_dir / "ckpt"
-    tmp = ckpt / f".tmp_step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    rng = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():  # noisy routers draw on the CUDA generator
-        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": opt.state_dict(), "step": step, **rng, **state}, tmp / "state.pt")
-    fsync_tree(tmp)  # the rename below must not publish files whose data is still in the page cache
-    final = ckpt / f"step_{step:08d}"
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)  # a directory rename is atomic: a checkpoint is all there or absent
-    fsync_tree(ckpt, files=False)
-    for old in ckpt.glob("step_*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(path: Path, model, opt) -> dict[str, Any]:
-    load_model(model, str(path / "model.safetensors"))
-    state = torch.load(path / "state.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state
-
-
-def read_metrics(run_dir: Path, upto_step: int) -> list[str]:
-    """metrics.jsonl lines up to a checkpoint's step (a torn last line is dropped)."""
-    p = run_dir / "metrics.jsonl"
-    if not p.exists():
-        return []
-    kept = []
-    for line in p.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= upto_step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break
-    return kept
 
 
 def _identity(cfg: dict[str, Any]) -> dict[str, Any]:

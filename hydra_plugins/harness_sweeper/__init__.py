@@ -93,7 +93,7 @@ class HarnessSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from harness.config import to_run_config
-        from harness.train import read_summary
+        from harness.rundir import read_summary
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         check_slurm_options(self.config.hydra.launcher)

@@ -1,0 +1,220 @@
+"""The run directory `results/<sweep>/<run>/`: its files' schemas, checkpoints and metrics.
+
+    config.yaml     the resolved RunConfig (harness.config)
+    metrics.jsonl   one `MetricsRecord` per log/eval step
+    summary.json    a `Summary`: status (running | completed | failed), reason, final numbers
+    ckpt/step_<n>/  model.safetensors + state.pt (optimizer, step, RNG state), written atomically
+    owner.json      who is training the run right now (`harness.owner`)
+
+Train, the sweeper, `collect` and `evaluate` read these files through this module, so each file
+has one definition of what a well-formed copy holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import load_model, save_model
+
+from harness.fileio import fsync_tree
+
+
+class RunFileError(ValueError):
+    """A run file that exists but does not hold what its schema says; names the file."""
+
+
+class Summary(BaseModel):
+    """summary.json. Fields a run writes as it goes; later ones appear once known."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["running", "completed", "failed"]
+    reason: str = ""
+    sweep: str | None = None
+    run: str | None = None
+    family: str | None = None
+    arch: str | None = None
+    causal: bool = True
+    comparable: bool = True
+    seq_len: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    steps: int | None = None
+    tokens: int | None = None
+    flops_fwd_per_token: float | None = None
+    flops_per_token: float | None = None
+    flops_6n_per_token: float | None = None
+    params_total: int | None = None
+    params_nonembed: int | None = None
+    params_active: int | None = None
+    flops_train: float | None = None
+    flops_budget: float | None = None
+    hardware: dict[str, Any] | None = None
+    steps_done: int | None = None
+    wall_s: float | None = None
+    tokens_per_s: float | None = None
+    final_val_loss: float | None = None
+    final_train_loss: float | None = None
+
+
+class MetricsRecord(BaseModel):
+    """One line of metrics.jsonl. `aux/<name>` and `metric/<name>` keys ride along as extras."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: int
+    tokens: int | None = None
+    flops_train: float | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    lr: float | None = None
+    wall_s: float | None = None
+    tokens_per_s: float | None = None
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    return f"{where}: {err['msg']}" + (f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else "")
+
+
+def load_summary(run_dir: Path) -> Summary | None:
+    """summary.json validated against `Summary`; None when absent; `RunFileError` when malformed."""
+    p = Path(run_dir) / "summary.json"
+    try:
+        raw = json.loads(p.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{p}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise RunFileError(f"{p}: expected a JSON object, found {type(raw).__name__}")
+    try:
+        return Summary.model_validate(raw)
+    except ValidationError as e:
+        raise RunFileError(f"{p}: {_first_error(e)}") from e
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json as a dict, or None when absent or malformed (the caller treats it as not done)."""
+    try:
+        s = load_summary(run_dir)
+    except RunFileError:
+        return None
+    return s.model_dump() if s is not None else None
+
+
+def parse_metrics(text: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """(records, [(line number, why)] of the lines skipped). A line is kept only when it parses as
+    a `MetricsRecord`; blank lines are ignored."""
+    recs, bad = [], []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            if not isinstance(raw, dict):
+                raise RunFileError(f"expected a JSON object, found {type(raw).__name__}")
+            rec = MetricsRecord.model_validate(raw)
+        except json.JSONDecodeError as e:
+            bad.append((i, f"not valid JSON ({e.msg})"))
+        except RunFileError as e:
+            bad.append((i, str(e)))
+        except ValidationError as e:
+            bad.append((i, _first_error(e)))
+        else:
+            recs.append({**raw, **rec.model_dump(exclude_unset=True)})
+    return recs, bad
+
+
+def read_metrics(run_dir: Path, upto_step: int) -> list[str]:
+    """metrics.jsonl lines up to a checkpoint's step, for a resuming run to keep. Reading stops at
+    the first line that does not parse: only the last line can be torn by a crash."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    kept = []
+    for line in p.read_text(errors="replace").splitlines():
+        try:
+            if MetricsRecord.model_validate_json(line).step > upto_step:
+                break
+        except ValidationError:
+            break
+        kept.append(line)
+    return kept
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be loaded."""
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Published checkpoints, oldest first (in-progress `.tmp_*` and set-aside `broken_*` are not)."""
+    return sorted((Path(run_dir) / "ckpt").glob("step_*"))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def save_checkpoint(run_dir: Path, model, opt, step: int, state: dict[str, Any], keep: int = 1) -> None:
+    """Writes ckpt/step_<step>/ atomically, then removes all but the newest `keep` checkpoints."""
+    ckpt = Path(run_dir) / "ckpt"
+    tmp = ckpt / f".tmp_step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # noisy routers draw on the CUDA generator
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": opt.state_dict(), "step": step, **rng, **state}, tmp / "state.pt")
+    fsync_tree(tmp)  # the rename below must not publish files whose data is still in the page cache
+    final = ckpt / f"step_{step:08d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)  # a directory rename is atomic: a checkpoint is all there or absent
+    fsync_tree(ckpt, files=False)
+    for old in checkpoints(run_dir)[: -max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, opt) -> dict[str, Any]:
+    """Restores model, optimizer and RNG state; `CheckpointError` names the file that failed."""
+    path = Path(path)
+    try:
+        load_model(model, str(path / "model.safetensors"))
+        state = torch.load(path / "state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}"[:800]) from e
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    state["step"] = step
+    return state
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Moves a checkpoint that will not load to ckpt/broken_<name>, out of the resume path but kept
+    for inspection."""
+    dest = ckpt.parent / f"broken_{ckpt.name}"
+    n = 1
+    while dest.exists():
+        dest, n = ckpt.parent / f"broken_{ckpt.name}.{n}", n + 1
+    os.rename(ckpt, dest)
+    return dest
