@@ -85,8 +85,7 @@ def _first_error(e: ValidationError) -> str:
     return f"{where}: {err['msg']}" + (f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else "")
 
 
-def load_summary(run_dir: Path) -> Summary | None:
-    """summary.json validated against `Summary`; None when absent; `RunFileError` when malformed."""
+def _summary_json(run_dir: Path) -> dict[str, Any] | None:
     p = Path(run_dir) / "summary.json"
     try:
         raw = json.loads(p.read_bytes())
@@ -97,18 +96,25 @@ def load_summary(run_dir: Path) -> Summary | None:
     if not isinstance(raw, dict):
         raise RunFileError(f"{p}: expected a JSON object, found {type(raw).__name__}")
     try:
-        return Summary.model_validate(raw)
+        Summary.model_validate(raw)
     except ValidationError as e:
         raise RunFileError(f"{p}: {_first_error(e)}") from e
+    return raw
+
+
+def load_summary(run_dir: Path) -> Summary | None:
+    """summary.json validated against `Summary`; None when absent; `RunFileError` when malformed."""
+    raw = _summary_json(run_dir)
+    return Summary.model_validate(raw) if raw is not None else None
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """summary.json as a dict, or None when absent or malformed (the caller treats it as not done)."""
+    """summary.json as written (validated), or None when absent or malformed: the caller treats
+    such a run as not done."""
     try:
-        s = load_summary(run_dir)
+        return _summary_json(run_dir)
     except RunFileError:
         return None
-    return s.model_dump() if s is not None else None
 
 
 def parse_metrics(text: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:

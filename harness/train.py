@@ -28,7 +28,16 @@ from harness.config import EXECUTION_ONLY, OptimConfig, RunConfig, run_config_di
 from harness.data import WindowLoader, check_windows, prepare, val_batches
 from harness.fileio import atomic_write_json, atomic_write_text
 from harness.models import build_model
-from harness.rundir import latest_checkpoint, load_checkpoint, read_metrics, read_summary, save_checkpoint
+from harness.owner import OwnershipLost, RunLock, read_owner
+from harness.rundir import (
+    CheckpointError,
+    checkpoints,
+    load_checkpoint,
+    read_metrics,
+    read_summary,
+    save_checkpoint,
+    set_aside,
+)
 
 log = logging.getLogger("harness.train")
 
@@ -109,20 +118,94 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the loop
 
 
-def _mark_failed(run_dir: Path, summary: dict[str, Any], e: BaseException, step: int) -> None:
-    summary.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500], steps_done=step)
-    atomic_write_json(run_dir / "summary.json", summary)
+class Divergence:
+    """The divergence rules beside non-finite losses (TrainConfig): a train-loss spike held for
+    `spike_steps` steps, and a validation loss after warmup worse than uniform guessing."""
+
+    def __init__(self, run: RunConfig, state: dict[str, Any] | None = None):
+        t = run.train
+        self.factor, self.steps, self.uniform = t.spike_factor, t.spike_steps, t.fail_above_uniform
+        self.ln_vocab = math.log(run.model.vocab_size)
+        self.warmup = int(run.optim.warmup_frac * run.steps)
+        state = state or {}
+        self.loss_min = state.get("loss_min", math.inf)
+        self.spikes = state.get("spikes", 0)
+
+    def state(self) -> dict[str, Any]:
+        return {"loss_min": self.loss_min, "spikes": self.spikes}
+
+    def train_loss(self, loss: float, step: int) -> str:
+        """The reason the run diverged at this step, or ""."""
+        if not math.isfinite(loss):
+            return f"diverged: non-finite loss at step {step}"
+        if self.factor and loss > self.factor * self.loss_min:
+            self.spikes += 1
+            if self.spikes >= self.steps:
+                return (
+                    f"diverged: train loss {loss:.4g} at step {step} has stayed above {self.factor:g} x its "
+                    f"running minimum {self.loss_min:.4g} for {self.spikes} steps "
+                    "(train.spike_factor, train.spike_steps)"
+                )
+        else:
+            self.spikes = 0
+        self.loss_min = min(self.loss_min, loss)
+        return ""
+
+    def val_loss(self, loss: float, step: int) -> str:
+        if not math.isfinite(loss):
+            return f"diverged: non-finite validation loss at step {step}"
+        if self.uniform and step > self.warmup and loss > self.ln_vocab:
+            return (
+                f"diverged: validation loss {loss:.4g} at step {step} is worse than guessing uniformly, "
+                f"ln({math.exp(self.ln_vocab):.0f}) = {self.ln_vocab:.4g} (train.fail_above_uniform)"
+            )
+        return ""
+
+
+def restore(run: RunConfig, run_dir: Path, device: torch.device):
+    """(model, optimizer, checkpoint state or None): from the newest checkpoint that loads, or
+    from scratch. A checkpoint that fails to load stops the run, naming it and the remedy, unless
+    train.resume=skip-broken, which sets it aside and tries the one before."""
+
+    def fresh():
+        torch.manual_seed(run.train.seed)
+        model = build_model(run.model).to(device)
+        return model, make_optimizer(model, run.optim)
+
+    model, opt = fresh()
+    ckpts = checkpoints(run_dir)
+    while ckpts:
+        ckpt = ckpts.pop()
+        try:
+            return model, opt, load_checkpoint(ckpt, model, opt)
+        except CheckpointError as e:
+            before = (
+                f"the previous checkpoint {ckpts[-1].name}" if ckpts else "scratch (no earlier checkpoint)"
+            )
+            if run.train.resume != "skip-broken":
+                raise CheckpointError(
+                    f"{e}. Remove it to resume from {before}, or relaunch with train.resume=skip-broken, "
+                    "which moves it to ckpt/broken_* and does that."
+                ) from e
+            log.warning("%s; set aside as %s, resuming from %s", e, set_aside(ckpt), before)
+            model, opt = fresh()  # a failed load may have changed some weights already
+    return model, opt, None
+
+
+def _fail(summary: dict[str, Any], e: BaseException, step: int) -> None:
+    summary.update(status="failed", reason=f"{type(e).__name__}: {e}"[:800], steps_done=step)
 
 
 def train(run: RunConfig) -> dict[str, Any]:
-    """Trains one run to its token budget (resuming if possible) and returns its summary."""
+    """Trains one run to its token budget (resuming if possible) and returns its summary.
+
+    Only the process that owns the run directory (`harness.owner`) writes to it. Another live owner
+    makes this call fail, skip or wait (train.if_busy); skipping returns {"status": "busy", ...}."""
     run_dir = run.run_dir
     prev = read_summary(run_dir)
     if prev and prev.get("status") == "completed":
         log.info(
-            "%s already completed (val loss %.4f); skipping",
-            run_dir,
-            prev.get("final_val_loss", float("nan")),
+            "%s already completed (val loss %.4f); skipping", run_dir, prev.get("final_val_loss") or math.nan
         )
         return prev
 
@@ -136,6 +219,22 @@ def train(run: RunConfig) -> dict[str, Any]:
             f"tokenizer vocab size is {data.vocab_size} but model.vocab_size={run.model.vocab_size}; "
             f"add +model.vocab_size={data.vocab_size}"
         )
+    lock = RunLock(run_dir, stale_s=run.train.owner_stale_s)
+    if not lock.acquire(run.train.if_busy):
+        owner = read_owner(run_dir)
+        return {"status": "busy", "run": run.run_name, "reason": owner.describe() if owner else ""}
+    try:
+        return _train_owned(run, data, device, lock)
+    finally:
+        lock.release()
+
+
+def _train_owned(run: RunConfig, data, device: torch.device, lock: RunLock) -> dict[str, Any]:
+    run_dir = run.run_dir
+    prev = read_summary(run_dir)  # again: it may have completed while this process waited
+    if prev and prev.get("status") == "completed":
+        log.info("%s completed while waiting; skipping", run_dir)
+        return prev
     cfg_dict = run_config_dict(run)
     cfg_path = run_dir / "config.yaml"
     if cfg_path.exists() and _identity(yaml.safe_load(cfg_path.read_text()) or {}) != _identity(cfg_dict):
@@ -162,26 +261,49 @@ def train(run: RunConfig) -> dict[str, Any]:
         **counts.as_dict(),
         "flops_train": counts.train * steps * tokens_per_step,
         "flops_budget": run.train.flops_budget or None,
+        "data_decode": run.data.decode,
+        "data_replaced_bytes": getattr(data, "replaced_bytes", 0),
         "hardware": hardware(device),
     }
-    atomic_write_json(run_dir / "summary.json", summary)
 
-    step, wall_prev, loss_acc, loss_n = 0, 0.0, 0.0, 0
+    def write_summary() -> None:
+        lock.check()
+        atomic_write_json(run_dir / "summary.json", summary)
+
+    write_summary()
+    step, st, metrics_f = 0, None, None
     try:  # from here on, any failure is recorded in summary.json rather than leaving it "running"
-        torch.manual_seed(run.train.seed)
-        model = build_model(run.model).to(device)
-        opt = make_optimizer(model, run.optim)
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            st = load_checkpoint(ckpt, model, opt)
-            step, wall_prev, loss_acc, loss_n = st["step"], st["wall_s"], st["loss_acc"], st["loss_n"]
+        model, opt, st = restore(run, run_dir, device)
+        if st is not None:
+            step = st["step"]
             log.info("resuming %s from step %d", run_dir, step)
         lines = read_metrics(run_dir, step)
+        lock.check()
         atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
         metrics_f = open(run_dir / "metrics.jsonl", "a")
-    except BaseException as e:
-        _mark_failed(run_dir, summary, e, step)
+        _loop(run, data, device, lock, summary, model, opt, st, metrics_f, counts)
+    except OwnershipLost:
         raise
+    except BaseException as e:
+        _fail(summary, e, summary.get("steps_done", step))
+        if not lock.lost:
+            atomic_write_json(run_dir / "summary.json", summary)
+        raise
+    finally:
+        if metrics_f is not None:
+            metrics_f.close()
+    write_summary()
+    return summary
+
+
+def _loop(run, data, device, lock, summary, model, opt, st, metrics_f, counts) -> None:
+    """The step loop; updates `summary` in place (steps_done, status, final numbers)."""
+    run_dir, steps = run.run_dir, run.steps
+    tokens_per_step = run.train.batch_size * run.model.seq_len
+    step, wall_prev, loss_acc, loss_n = (
+        (st["step"], st["wall_s"], st["loss_acc"], st["loss_n"]) if st else (0, 0.0, 0.0, 0)
+    )
+    div = Divergence(run, st)
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     )
@@ -199,6 +321,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     last_val = last_train = math.nan
     try:
         while step < steps:
+            lock.check()
             lr = lr_at(step, steps, run.optim)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -215,9 +338,10 @@ def train(run: RunConfig) -> dict[str, Any]:
             opt.step()
             step += 1
             loss_v = loss.item()
-            if not math.isfinite(loss_v):
-                summary.update(status="failed", reason=f"diverged: non-finite loss at step {step}")
-                log.error("%s: %s", run_dir, summary["reason"])
+            diverged = div.train_loss(loss_v, step)
+            if diverged:
+                summary.update(status="failed", reason=diverged)
+                log.error("%s: %s", run_dir, diverged)
                 break
             loss_acc, loss_n = loss_acc + loss_v, loss_n + 1
             wall = wall_prev + time.perf_counter() - t0
@@ -244,19 +368,27 @@ def train(run: RunConfig) -> dict[str, Any]:
                         "step %d/%d train %.4f val %.4f lr %.2e %.0f tok/s ETA %.0fs",
                         *(step, steps, rec["train_loss"], last_val, lr, tps, eta_s),
                     )
+                lock.check()
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
                 last_train = rec["train_loss"]
                 loss_acc, loss_n = 0.0, 0
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{tps:.0f}")
+                diverged = div.val_loss(last_val, step) if is_eval else ""
+                if diverged:
+                    summary.update(status="failed", reason=diverged)
+                    log.error("%s: %s", run_dir, diverged)
+                    break
             stop_now = run.train.stop_after_steps and step - start_step >= run.train.stop_after_steps
             if step == steps or stop_now or (run.train.ckpt_every and step % run.train.ckpt_every == 0):
+                lock.check()
                 save_checkpoint(
                     run_dir,
                     model,
                     opt,
                     step,
-                    {"wall_s": wall, "loss_acc": loss_acc, "loss_n": loss_n},
+                    {"wall_s": wall, "loss_acc": loss_acc, "loss_n": loss_n, **div.state()},
+                    keep=run.train.keep_checkpoints,
                 )
             if stop_now and step < steps:
                 log.info(
@@ -264,14 +396,10 @@ def train(run: RunConfig) -> dict[str, Any]:
                     step - start_step,
                 )
                 summary.update(wall_s=wall, steps_done=step)
-                atomic_write_json(run_dir / "summary.json", summary)
-                return summary
-    except BaseException as e:
-        _mark_failed(run_dir, summary, e, step)
-        raise
+                return
     finally:
         bar.close()
-        metrics_f.close()
+        summary["steps_done"] = step
 
     wall = wall_prev + time.perf_counter() - t0
     summary.update(
@@ -281,8 +409,6 @@ def train(run: RunConfig) -> dict[str, Any]:
     )
     if summary["status"] == "running":
         summary.update(status="completed", final_val_loss=last_val, final_train_loss=last_train)
-    atomic_write_json(run_dir / "summary.json", summary)
-    return summary
 
 
 def main() -> None:
@@ -299,6 +425,8 @@ def main() -> None:
         summary = train(run)
         if summary["status"] == "failed":  # diverged: a result to keep, not a crash
             log.error("run %s failed: %s", run.run_dir, summary["reason"])
+        elif summary["status"] == "busy":
+            log.warning("run %s skipped: owned by %s", run.run_dir, summary["reason"])
 
     _main()
 

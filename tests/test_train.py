@@ -1,8 +1,14 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from harness.config import OptimConfig, compose
+from harness.rundir import CheckpointError
 from harness.train import lr_at, train
 
 FAST = ["model=llama_tiny", "train.batch_size=4", "train.eval_batches=2", "train.eval_every=5",
@@ -151,3 +157,128 @@ def test_failure_while_resuming_is_recorded_not_left_running(results_dir):
         train(run_cfg(results_dir, "train.tokens=5120"))
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"]
+
+
+# ---------------------------------------------------------------- one owner, divergence, broken checkpoints
+
+LAUNCH = ["model=llama_tiny", "sweep=p6", "run_name=c6", "train.batch_size=4", "train.eval_every=5",
+          "train.eval_batches=2", "train.log_every=1", "train.progress=false", "train.threads=1"]  # fmt: skip
+
+
+def _launch(results, *extra):
+    cmd = [
+        sys.executable,
+        "-c",
+        "from harness.train import main; main()",
+        *LAUNCH,
+        f"results_dir={results}",
+        *extra,
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(cond, proc, what, timeout=120):
+    deadline = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, f"exited before {what}: {proc.communicate()[0][-2000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_concurrent_launches_of_one_run_leave_one_complete_run(tmp_path):
+    results = tmp_path / "results"
+    run_dir = results / "p6" / "c6"
+    budget = ["train.tokens=76800", "train.ckpt_every=1"]  # 300 steps, a checkpoint at each
+    first = _launch(results, *budget)
+    others = []
+    try:
+        _wait_for(lambda: list(run_dir.glob("ckpt/step_*")), first, "the first checkpoint")
+        others = [_launch(results, *budget), _launch(results, *budget, "train.if_busy=wait")]
+        refused, waiter = others
+        out = refused.communicate(timeout=120)[0]
+        assert first.poll() is None, "the first launch ended before the second one tried"
+        assert refused.returncode != 0 and f"is being trained by pid {first.pid}" in out, out[-2000:]
+        assert first.wait(timeout=300) == 0
+        out = waiter.communicate(timeout=120)[0]
+        assert waiter.returncode == 0 and "waiting for it" in out and "completed while waiting" in out, out[
+            -2000:
+        ]
+    finally:
+        for p in (first, *others):
+            if p.poll() is None:
+                p.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_done"] == 300
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 301))  # every step once
+    assert not (run_dir / "owner.json").exists()
+
+
+def test_killed_run_is_taken_over_and_resumes_bit_identically(tmp_path):
+    budget = ["train.tokens=15360", "train.ckpt_every=7"]  # 60 steps
+    straight = train(compose([*LAUNCH, f"results_dir={tmp_path / 'a'}", *budget]))
+    assert straight["status"] == "completed"
+    results = tmp_path / "b"
+    run_dir = results / "p6" / "c6"
+    victim = _launch(results, *budget)
+    try:
+        _wait_for(lambda: list(run_dir.glob("ckpt/step_*0002[1-9]")), victim, "a checkpoint past step 20")
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert json.loads((run_dir / "owner.json").read_text())["pid"] == victim.pid  # left behind by kill -9
+    heir = _launch(results, *budget)
+    out = heir.communicate(timeout=300)[0]
+    assert heir.returncode == 0, out[-2000:]
+    assert f"process {victim.pid} on" in out and "is gone" in out and "resuming" in out
+    a, b = read_metrics(tmp_path / "a" / "p6" / "c6"), read_metrics(run_dir)
+    assert [r["step"] for r in b] == list(range(1, 61))
+    for key in ("train_loss", "val_loss", "lr", "flops_train"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+@pytest.mark.parametrize(
+    "rule,extra",
+    [("spike", ["train.fail_above_uniform=false"]), ("uniform", ["train.spike_factor=0"])],
+    ids=["train-loss-spike", "val-worse-than-uniform"],
+)
+def test_finite_blow_up_ends_failed_and_is_excluded(results_dir, rule, extra):
+    from harness.fit import split_usable
+    from harness.results import collect
+
+    summary = train(run_cfg(results_dir, "train.tokens=25600", "optim.lr=10", *extra))
+    assert summary["status"] == "failed" and summary["reason"].startswith("diverged:")
+    assert ("running minimum" if rule == "spike" else "worse than guessing uniformly") in summary["reason"]
+    kept, excluded = split_usable(collect(results_dir))
+    assert kept.empty and "diverged" in excluded["why"].iloc[0]
+
+
+def _break_newest_checkpoint(run_dir):
+    newest = sorted((run_dir / "ckpt").glob("step_*"))[-1]
+    (newest / "model.safetensors").write_bytes(b"not a safetensors file")
+    return newest
+
+
+@pytest.mark.parametrize("keep", [1, 2], ids=["no-earlier-checkpoint", "earlier-checkpoint"])
+def test_broken_checkpoint_is_named_and_skipped_on_request(results_dir, tmp_path, keep):
+    base = ["train.tokens=7680", "train.ckpt_every=5", f"train.keep_checkpoints={keep}"]  # 30 steps
+    train(run_cfg(tmp_path / "straight", *base))
+    run = run_cfg(results_dir, *base, "train.stop_after_steps=13")
+    train(run)
+    broken = _break_newest_checkpoint(run.run_dir)
+    with pytest.raises(
+        CheckpointError, match=rf"{broken.name} cannot be loaded.*Remove it to resume from"
+    ) as e:
+        train(run_cfg(results_dir, *base))
+    assert ("step_00000010" if keep == 2 else "scratch") in str(
+        e.value
+    ) and "train.resume=skip-broken" in str(e.value)
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and broken.name in summary["reason"]
+    assert train(run_cfg(results_dir, *base, "train.resume=skip-broken"))["status"] == "completed"
+    assert (run.run_dir / "ckpt" / f"broken_{broken.name}").is_dir()  # set aside, not deleted
+    a, b = read_metrics(tmp_path / "straight" / run.sweep / run.run_name), read_metrics(run.run_dir)
+    assert [r["step"] for r in b] == list(range(1, 31))
+    for key in ("train_loss", "val_loss"):
+        assert [r[key] for r in a] == [r[key] for r in b], key

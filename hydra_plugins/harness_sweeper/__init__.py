@@ -93,6 +93,7 @@ class HarnessSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from harness.config import to_run_config
+        from harness.owner import live_owner
         from harness.rundir import read_summary
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
@@ -107,7 +108,7 @@ class HarnessSweeper(BasicSweeper):
         if sweep_file.exists():
             log.info("sweep %s: %d runs from %s", sweep_name, len(runs), sweep_file)
 
-        jobs, seen = [], set()
+        jobs, seen, done, busy = [], set(), 0, 0
         for point in points:
             for run in runs:
                 overrides = merge_overrides(run, list(point))
@@ -122,13 +123,21 @@ class HarnessSweeper(BasicSweeper):
                 summary = read_summary(rc.run_dir)
                 if summary and summary.get("status") == "completed":
                     log.info("skipping completed run %s", rc.run_dir)
+                    done += 1
+                    continue
+                owner = live_owner(rc.run_dir, rc.train.owner_stale_s)
+                if owner is not None:  # a job of an earlier launch still runs (or waits) for it
+                    log.warning("skipping %s: it is being trained by %s", rc.run_dir, owner.describe())
+                    busy += 1
                     continue
                 jobs.append(overrides)
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        log.info("launching %d job(s) (%d already completed)", len(jobs), len(seen) - len(jobs))
+        if busy:
+            log.warning("%d run(s) live elsewhere skipped; relaunch once they end", busy)
+        log.info("launching %d job(s) (%d already completed)", len(jobs), done)
         returns = []
         n = self.max_batch_size or max(1, len(jobs))
         for start in range(0, len(jobs), n):

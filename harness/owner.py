@@ -1,0 +1,291 @@
+"""One owner per run directory, across processes and machines that share a filesystem.
+
+The process training `results/<sweep>/<run>/` names itself in `owner.json` there: a random token,
+host, pid, process start time and Slurm job. The file is published with a hard link, which NFS and
+Lustre make atomic (unlike `flock`, which they may ignore); the link count settles a reply lost in
+transit. While it trains, a daemon thread touches the file every `heartbeat_s`.
+
+An owner is dead when any of these holds:
+- it ran on this host and its pid is gone, or now belongs to another process (start time differs);
+- it is this Slurm job at an earlier attempt (the job was requeued: the old attempt is gone);
+- its Slurm job is no longer pending or running in `squeue`;
+- its heartbeat is older than `stale_s`, measured against the filesystem's own clock (the mtime of a
+  probe file), so clock skew between nodes does not matter.
+
+A dead owner is removed under a short-lived break lock (`owner.json.break`), after checking that
+the file still names the same owner, so two processes that find it dead cannot both take over. An
+owner that finds its token gone from `owner.json` (it was presumed dead, say after a long
+suspension) has lost the run: it stops before writing anything more.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = "owner.json"
+BREAK_STALE_S = 60.0  # a break lock is held for milliseconds; one this old was left by a crash
+_SLURM_DEAD = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+               "PREEMPTED", "TIMEOUT", "SPECIAL_EXIT"}  # fmt: skip
+
+
+class RunBusy(RuntimeError):
+    """Another live process owns the run directory."""
+
+
+class OwnershipLost(RuntimeError):
+    """This process was presumed dead and another took the run over; it must not write."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    token: str
+    host: str = ""
+    pid: int = 0
+    start: str = ""  # process start time in clock ticks since boot (Linux), "" elsewhere
+    slurm_job: str = ""
+    slurm_restart: int = 0
+    since: str = ""
+
+    def describe(self) -> str:
+        job = f", Slurm job {self.slurm_job}" + (
+            f" attempt {self.slurm_restart + 1}" if self.slurm_restart else ""
+        )
+        return (
+            f"pid {self.pid} on {self.host or '?'}{job if self.slurm_job else ''}, since {self.since or '?'}"
+        )
+
+
+def _proc_start(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def _slurm_job() -> tuple[str, int]:
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    else:
+        job = env.get("SLURM_JOB_ID", "")
+    return job, int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def me(token: str | None = None) -> Owner:
+    job, restart = _slurm_job()
+    return Owner(
+        token=token or uuid.uuid4().hex,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        start=_proc_start(os.getpid()),
+        slurm_job=job,
+        slurm_restart=restart,
+        since=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def read_owner(run_dir: Path) -> Owner | None:
+    """The owner named in run_dir/owner.json; an unreadable file (a crash mid-write on a filesystem
+    without hard links) gives an owner known only by its heartbeat."""
+    p = Path(run_dir) / OWNER_FILE
+    try:
+        raw = json.loads(p.read_bytes())
+        return Owner(**{k: raw[k] for k in Owner.__dataclass_fields__ if k in raw})
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError):
+        return Owner(token="")
+
+
+def _slurm_state(job: str) -> str | None:
+    """The job's state in squeue, "" when squeue no longer knows it, None when squeue cannot say."""
+    try:
+        r = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return "" if "invalid job id" in r.stderr.lower() else None
+    states = r.stdout.split()
+    return states[0] if states else ""
+
+
+def _fs_age(path: Path) -> float | None:
+    """Seconds since `path` was last touched, by the filesystem's clock; None when it is gone."""
+    probe = path.parent / f".clock-{uuid.uuid4().hex}"
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        probe.touch()
+        now = probe.stat().st_mtime
+    finally:
+        probe.unlink(missing_ok=True)
+    return now - mtime
+
+
+def dead_because(owner: Owner, run_dir: Path, stale_s: float) -> str:
+    """Why `owner` is dead, or "" when it is (as far as can be told) alive."""
+    here = me(token="")
+    if owner.host and owner.host == here.host and owner.pid:
+        try:
+            os.kill(owner.pid, 0)
+        except ProcessLookupError:
+            return f"process {owner.pid} on {owner.host} is gone"
+        except PermissionError:
+            pass
+        start = _proc_start(owner.pid)
+        if owner.start and start and start != owner.start:
+            return f"process {owner.pid} on {owner.host} is gone (the pid now belongs to another process)"
+    if owner.slurm_job:
+        if owner.slurm_job == here.slurm_job and owner.slurm_restart < here.slurm_restart:
+            return f"Slurm requeued job {owner.slurm_job}; this attempt replaces the earlier one"
+        state = _slurm_state(owner.slurm_job)
+        if state == "" or (state and state.upper() in _SLURM_DEAD):
+            return f"Slurm job {owner.slurm_job} is {state.lower() or 'no longer in squeue'}"
+    age = _fs_age(Path(run_dir) / OWNER_FILE)
+    if age is not None and age > stale_s:
+        return f"no heartbeat for {age:.0f} s (train.owner_stale_s={stale_s:g})"
+    return ""
+
+
+def _link_create(path: Path, text: str) -> bool:
+    """Creates `path` holding `text` if it does not exist, atomically, also over NFS."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):  # no hard links here
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return True
+        return os.stat(tmp).st_nlink == 2  # NFS retried a link that had succeeded
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunLock:
+    """Ownership of one run directory (module docstring). Use `acquire` then `release`, or `with`."""
+
+    def __init__(self, run_dir: Path, stale_s: float = 600.0, heartbeat_s: float | None = None):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / OWNER_FILE
+        self.stale_s = stale_s
+        self.heartbeat_s = heartbeat_s or max(0.05, min(30.0, stale_s / 10))
+        self.owner = me()
+        self.lost: str = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, if_busy: str = "fail", poll_s: float = 5.0) -> bool:
+        """True once this process owns the directory. A live owner elsewhere: "fail" raises
+        `RunBusy` naming it, "skip" returns False, "wait" polls until it is gone."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(asdict(self.owner), indent=2) + "\n"
+        waited = False
+        while True:
+            if _link_create(self.path, text):
+                self._thread = threading.Thread(target=self._beat, name="run-owner-heartbeat", daemon=True)
+                self._thread.start()
+                return True
+            other = read_owner(self.run_dir)
+            if other is None:
+                continue  # released between our attempt and our read
+            why = dead_because(other, self.run_dir, self.stale_s)
+            if why:
+                log.warning("%s: taking over from %s: %s", self.run_dir, other.describe(), why)
+                self._break(other)
+                continue
+            msg = f"{self.run_dir} is being trained by {other.describe()}"
+            if if_busy == "fail":
+                raise RunBusy(f"{msg}. Wait for it, or relaunch with train.if_busy=wait or skip.")
+            if if_busy == "skip":
+                log.warning("%s; skipping (train.if_busy=skip)", msg)
+                return False
+            if not waited:
+                log.warning("%s; waiting for it (train.if_busy=wait)", msg)
+                waited = True
+            time.sleep(poll_s)
+
+    def _break(self, dead: Owner) -> None:
+        brk = self.path.with_name(OWNER_FILE + ".break")
+        if not _link_create(brk, self.owner.token):
+            age = _fs_age(brk)
+            if age is not None and age > BREAK_STALE_S:
+                brk.unlink(missing_ok=True)
+            time.sleep(0.1)
+            return
+        try:
+            cur = read_owner(self.run_dir)
+            if cur is not None and cur.token == dead.token:
+                self.path.unlink(missing_ok=True)
+        finally:
+            brk.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            cur = read_owner(self.run_dir)
+            if cur is None or cur.token != self.owner.token:
+                self.lost = f"{cur.describe()} took it over" if cur is not None else "owner.json was removed"
+                log.error("%s: this process no longer owns the run: %s", self.run_dir, self.lost)
+                return
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                pass
+
+    def check(self) -> None:
+        """Raises `OwnershipLost` once another process owns the run; call before every write."""
+        if self.lost:
+            raise OwnershipLost(f"{self.run_dir}: {self.lost}; this process stops without writing")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        cur = read_owner(self.run_dir)
+        if cur is not None and cur.token == self.owner.token:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def live_owner(run_dir: Path, stale_s: float = 600.0) -> Owner | None:
+    """The owner of run_dir when it is alive, else None (no owner, or a dead one)."""
+    o = read_owner(Path(run_dir))
+    if o is None or dead_because(o, Path(run_dir), stale_s):
+        return None
+    return o

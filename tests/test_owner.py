@@ -1,0 +1,132 @@
+"""One owner per run directory: live owners are respected, dead ones taken over, a lost owner stops."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+
+import pytest
+
+from harness import owner as own
+from harness.owner import Owner, OwnershipLost, RunBusy, RunLock, dead_because, read_owner
+
+
+def _write_owner(run_dir, o: Owner, age_s: float = 0.0):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    p = run_dir / own.OWNER_FILE
+    p.write_text(json.dumps(asdict(o)))
+    if age_s:
+        t = time.time() - age_s
+        os.utime(p, (t, t))
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_second_lock_on_a_live_run_is_refused_naming_the_owner(tmp_path):
+    first = RunLock(tmp_path / "r")
+    assert first.acquire()
+    try:
+        with pytest.raises(RunBusy, match=rf"pid {os.getpid()} on .*train.if_busy=wait or skip"):
+            RunLock(tmp_path / "r").acquire("fail")
+        assert RunLock(tmp_path / "r").acquire("skip") is False
+    finally:
+        first.release()
+    assert not (tmp_path / "r" / own.OWNER_FILE).exists()
+    second = RunLock(tmp_path / "r")
+    assert second.acquire()
+    second.release()
+
+
+def test_waiting_launch_takes_the_run_once_the_owner_releases_it(tmp_path):
+    first = RunLock(tmp_path / "r")
+    first.acquire()
+    import threading
+
+    threading.Timer(0.5, first.release).start()
+    t0 = time.monotonic()
+    second = RunLock(tmp_path / "r")
+    assert second.acquire("wait", poll_s=0.1)
+    assert time.monotonic() - t0 >= 0.4
+    assert read_owner(tmp_path / "r").token == second.owner.token
+    second.release()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["pid-gone", "pid-reused", "heartbeat-stale", "slurm-requeued"],
+)
+def test_dead_owner_is_detected_and_taken_over(tmp_path, monkeypatch, case):
+    run_dir = tmp_path / "r"
+    here = own.me()
+    if case == "pid-gone":
+        dead = replace(here, pid=_dead_pid(), start="")
+    elif case == "pid-reused":  # our own pid, but a process that started at another time
+        dead = replace(here, start=str(int(here.start or "0") + 1))
+    elif case == "heartbeat-stale":
+        dead = replace(here, host="elsewhere", slurm_job="")
+    else:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+        dead = replace(here, host="elsewhere", slurm_job="4242", slurm_restart=0)
+    if case == "pid-reused" and not here.start:
+        pytest.skip("no /proc start times on this platform")
+    _write_owner(run_dir, dead, age_s=3600 if case == "heartbeat-stale" else 0)
+    why = dead_because(dead, run_dir, stale_s=600)
+    expected = {"pid-gone": "is gone", "pid-reused": "another process", "heartbeat-stale": "no heartbeat",
+                "slurm-requeued": "requeued"}[case]  # fmt: skip
+    assert expected in why
+    lock = RunLock(run_dir)
+    assert lock.acquire("fail")
+    assert read_owner(run_dir).token == lock.owner.token
+    lock.release()
+
+
+def test_owner_elsewhere_with_a_fresh_heartbeat_is_live(tmp_path):
+    other = replace(own.me(), host="elsewhere", slurm_job="")
+    _write_owner(tmp_path / "r", other)
+    assert dead_because(other, tmp_path / "r", stale_s=600) == ""
+    with pytest.raises(RunBusy, match="on elsewhere"):
+        RunLock(tmp_path / "r").acquire("fail")
+
+
+@pytest.mark.slurm
+def test_owner_whose_slurm_job_is_gone_is_dead(tmp_path):
+    from tests.slurm.test_slurm_multirun import require_slurm
+
+    require_slurm()
+    other = replace(own.me(), host="elsewhere", slurm_job="987654321")
+    _write_owner(tmp_path / "r", other)
+    assert "no longer in squeue" in dead_because(other, tmp_path / "r", stale_s=600)
+
+
+def test_an_owner_presumed_dead_stops_before_writing(tmp_path):
+    lock = RunLock(tmp_path / "r", heartbeat_s=0.05)
+    lock.acquire()
+    try:
+        _write_owner(tmp_path / "r", replace(own.me(), host="elsewhere"))  # someone took over
+        deadline = time.time() + 5
+        while not lock.lost and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(OwnershipLost, match="took it over"):
+            lock.check()
+    finally:
+        lock.release()
+    assert read_owner(tmp_path / "r").host == "elsewhere"  # release leaves the new owner's file alone
+
+
+def test_unreadable_owner_file_is_judged_by_its_age(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / own.OWNER_FILE).write_text("{ torn")
+    t = time.time() - 3600
+    os.utime(run_dir / own.OWNER_FILE, (t, t))
+    lock = RunLock(run_dir)
+    assert lock.acquire("fail")
+    lock.release()
