@@ -15,12 +15,55 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from harness.layers import LMConfig
 from harness.models import make_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Sweep and run names become directory names under results_dir (and sweep files under sweeps/):
+# no separators and no leading dot, so no name can reach outside its parent.
+_SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,-]*")
+
+
+def check_sweep_name(name: str) -> str:
+    """`name` if it is a valid sweep name, else ValueError saying what one may hold."""
+    if not _SWEEP_NAME.fullmatch(str(name)):
+        raise ValueError(
+            f"sweep name {name!r} may use only letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return str(name)
+
+
+def check_run_name(name: str) -> str:
+    if not _RUN_NAME.fullmatch(str(name)):
+        raise ValueError(
+            f"run_name {name!r} may use only letters, digits and . _ = , -, starting with a letter or digit"
+        )
+    return str(name)
+
+
+class BadNameError(InterpolationResolutionError, CompactHydraException):
+    """A bad name met while resolving Hydra's output directory. Being a CompactHydraException, Hydra
+    prints its message alone: its traceback trimming fails on errors raised outside the task."""
+
+
+def _sweep_name_resolver(name: str) -> str:
+    try:
+        return check_sweep_name(name)
+    except ValueError as e:
+        raise BadNameError(str(e)) from None
+
+
+# conf/config.yaml names Hydra's output directories through this resolver, so a bad sweep name fails
+# before Hydra writes anything. Registered on import rather than in main(): submitit and joblib
+# workers resolve hydra.sweep.dir from an unpickled config, and unpickling the task imports this module.
+if not OmegaConf.has_resolver("harness.sweep_name"):
+    OmegaConf.register_new_resolver("harness.sweep_name", _sweep_name_resolver)
 
 
 @dataclass(kw_only=True)
@@ -135,8 +178,7 @@ class RunConfig:
             self.model = make_config(dict(self.model))
         if not isinstance(self.model, LMConfig):
             raise ValueError("config has no model; choose one with model=<preset> (see conf/model/)")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.sweep):
-            raise ValueError(f"sweep name {self.sweep!r} may use only letters, digits, '.', '_' and '-'")
+        check_sweep_name(self.sweep)
         per_step = self.train.batch_size * self.model.seq_len
         if self.train.tokens < per_step:
             raise ValueError(
@@ -204,8 +246,8 @@ def to_run_config(cfg: DictConfig | dict, overrides: list[str] | None = None) ->
     run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     if not run.run_name:
         run.run_name = run_name_from_overrides(overrides or [])
-    elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,-]*", run.run_name):
-        raise ValueError(f"run_name {run.run_name!r} may use only letters, digits and . _ = , -")
+    else:
+        check_run_name(run.run_name)
     return run
 
 

@@ -1,8 +1,10 @@
 """Corpora, tokenizers and the window loader.
 
 A corpus is tokenized once into memory-mapped shards under `data.cache_dir/<key>/`, where the key
-hashes the source bytes, the tokenizer and the split rule, so a changed file is re-tokenized and an
-unchanged one never is. The split is deterministic: the token stream is cut into blocks of
+hashes the source bytes, the decoding policy, the tokenizer and the split rule, so a changed file is
+re-tokenized and an unchanged one never is. Invalid UTF-8 is refused, naming the first bad byte,
+unless `data.decode=replace`, which maps it to U+FFFD and records how many bytes it replaced.
+The split is deterministic: the token stream is cut into blocks of
 `SPLIT_BLOCK` tokens (smaller for small corpora) and every k-th block (k = round(1 / val_fraction)) goes to validation, so both
 splits sample every part of the corpus without sharing text.
 
@@ -112,6 +114,28 @@ def read_source(cfg: DataConfig) -> bytes:
     return path.read_bytes()
 
 
+def _source_name(cfg: DataConfig) -> str:
+    return str(EMBEDDED_CORPUS) if cfg.source == "shakespeare" else cfg.path
+
+
+def decode_text(raw: bytes, policy: str, source: str) -> tuple[str, int]:
+    """The corpus text and the number of invalid bytes replaced (always 0 under "strict")."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError as e:
+        if policy != "replace":
+            raise ValueError(
+                f"corpus {source} is not valid UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start}; "
+                "fix the file or pass data.decode=replace"
+            ) from None
+    text = raw.decode("utf-8", errors="replace")
+    # One U+FFFD stands for a whole invalid run, so count bytes, not marks: the valid bytes are the
+    # text re-encoded less the inserted marks (3 bytes each). EF BF BD in the source is always a
+    # genuine U+FFFD: an invalid run ends at any byte that is not a continuation byte, such as EF.
+    inserted = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+    return text, len(raw) - (len(text.encode("utf-8")) - 3 * inserted)
+
+
 def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
 
@@ -131,6 +155,7 @@ class TokenData:
     train: list[np.ndarray]  # memory-mapped shards
     val: list[np.ndarray]
     vocab_size: int
+    replaced_bytes: int = 0  # invalid UTF-8 bytes mapped to U+FFFD (data.decode=replace)
 
     @property
     def n_train(self) -> int:
@@ -145,12 +170,24 @@ def prepare(cfg: DataConfig) -> TokenData:
     """Tokenizes the corpus into the cache once (atomically) and memory-maps the shards."""
     raw = read_source(cfg)
     tok = get_tokenizer(cfg.tokenizer)
-    key_src = f"{hashlib.sha256(raw).hexdigest()}|{tok.name}|{cfg.val_fraction}|{SPLIT_BLOCK}|{SHARD_TOKENS}"
+    key_parts = (
+        hashlib.sha256(raw).hexdigest(),
+        cfg.decode,
+        tok.name,
+        cfg.val_fraction,
+        SPLIT_BLOCK,
+        SHARD_TOKENS,
+    )
+    key_src = "|".join(map(str, key_parts))
     out = Path(cfg.cache_dir) / hashlib.sha256(key_src.encode()).hexdigest()[:20]
     meta_path = out / "meta.json"
     if not meta_path.exists():
+        # Decoded before anything is written: a strict cache entry exists only for valid UTF-8.
+        text, replaced = decode_text(raw, cfg.decode, _source_name(cfg))
+        if replaced:
+            log.warning("corpus %s: %d invalid UTF-8 bytes replaced by U+FFFD", _source_name(cfg), replaced)
         log.info("tokenizing %s (%d bytes) with %s into %s", cfg.source, len(raw), tok.name, out)
-        ids = tok.encode(raw.decode("utf-8", errors="replace")).astype(_dtype_for(tok.vocab_size))
+        ids = tok.encode(text).astype(_dtype_for(tok.vocab_size))
         every = max(2, round(1 / cfg.val_fraction))
         # Small corpora get smaller blocks, so validation still gets a dozen of them.
         block = max(64, min(SPLIT_BLOCK, len(ids) // (12 * every)))
@@ -167,6 +204,8 @@ def prepare(cfg: DataConfig) -> TokenData:
             "vocab_size": tok.vocab_size,
             "dtype": str(ids.dtype),
             "tokenizer": tok.name,
+            "decode": cfg.decode,
+            "replaced_bytes": replaced,
             "shards": {},
         }
         for split, arr in splits.items():
@@ -182,7 +221,12 @@ def prepare(cfg: DataConfig) -> TokenData:
     maps = {
         s: [np.memmap(out / n, dtype=dtype, mode="r") for n in names] for s, names in meta["shards"].items()
     }
-    return TokenData(train=maps["train"], val=maps["val"], vocab_size=meta["vocab_size"])
+    return TokenData(
+        train=maps["train"],
+        val=maps["val"],
+        vocab_size=meta["vocab_size"],
+        replaced_bytes=meta.get("replaced_bytes", 0),
+    )
 
 
 def sample_windows(shards: list[np.ndarray], seq_len: int, n: int, rng: np.random.Generator) -> torch.Tensor:

@@ -37,7 +37,7 @@ import pandas as pd
 import yaml
 
 from harness import flops, sizing
-from harness.config import OptimConfig
+from harness.config import OptimConfig, check_sweep_name
 from harness.models import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -640,6 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --budgets (or --demo)")
     name = name or "isoflop_" + "-".join(fmt_budget(b) for b in sorted(budgets))
     try:
+        check_sweep_name(name)  # the file is <out>/<name>.yaml: a bad name would land elsewhere
         if a.demo:
             rules = demo_rules()
             # each family around its own measured centre; the largest runs first, so two workers end together
@@ -674,6 +675,10 @@ def main(argv: list[str] | None = None) -> None:
 def _main_extend(a: argparse.Namespace, argv: list[str] | None) -> None:
     results = Path(a.extend)
     name = a.name or results.name
+    try:
+        check_sweep_name(name)
+    except ValueError as e:
+        sys.exit(f"harness-plan: {e}")
     path = Path(a.out) / f"{name}.yaml"
     if not results.is_dir():
         sys.exit(f"harness-plan: results directory not found: {results}")

@@ -111,3 +111,37 @@ def test_too_short_split_is_reported_before_training(tmp_path):
     data = prepare(DataConfig(source="text_file", path=str(p), cache_dir=str(tmp_path / "c")))
     with pytest.raises(ValueError, match="validation split has .* fewer than one window"):
         check_windows(data, 512)
+
+
+def test_invalid_utf8_is_refused_naming_the_file_and_offset(tmp_path):
+    p = tmp_path / "latin1.txt"
+    p.write_bytes(TEXT.encode()[:3000] + "café".encode("latin-1") + TEXT.encode()[:3000])
+    cache = tmp_path / "c"
+    with pytest.raises(ValueError) as e:
+        prepare(DataConfig(source="text_file", path=str(p), cache_dir=str(cache)))
+    assert f"corpus {p} is not valid UTF-8: byte 0xe9 at offset 3003;" in str(e.value)
+    assert "data.decode=replace" in str(e.value)
+    assert not cache.exists()  # refused before anything is written
+
+
+def test_decode_replace_counts_the_bytes_it_replaced(tmp_path):
+    # an invalid byte, a truncated three-byte sequence (two bytes, one U+FFFD) and a genuine U+FFFD
+    raw = TEXT.encode() + b"\xff" + b"\xe2\x82" + "\ufffd".encode() + TEXT.encode()
+    p = tmp_path / "mixed.txt"
+    p.write_bytes(raw)
+    cfg = DataConfig(source="text_file", path=str(p), decode="replace", cache_dir=str(tmp_path / "c"))
+    data = prepare(cfg)
+    assert data.replaced_bytes == 3
+    assert data.n_train + data.n_val == len(raw) - 3 + 2 * len("\ufffd".encode())
+    assert prepare(cfg).replaced_bytes == 3  # a cache hit knows the count too
+
+
+def test_decode_policy_keys_the_cache_and_leaves_valid_text_alone(tmp_path, text_file):
+    cache = tmp_path / "c"
+    strict = prepare(DataConfig(source="text_file", path=str(text_file), cache_dir=str(cache)))
+    lenient = prepare(
+        DataConfig(source="text_file", path=str(text_file), decode="replace", cache_dir=str(cache))
+    )
+    assert strict.replaced_bytes == lenient.replaced_bytes == 0
+    assert np.array_equal(np.concatenate(strict.train), np.concatenate(lenient.train))
+    assert len(list(cache.iterdir())) == 2

@@ -85,6 +85,15 @@ def test_cli_fails_before_writing(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("name", ["../../x", ".hidden", "a/b"])
+def test_cli_refuses_a_bad_sweep_name_before_writing(tmp_path, name):
+    out = tmp_path / "a" / "inner"
+    with pytest.raises(SystemExit, match=f"sweep name '{name}' may use only"):
+        plan.main(["--budgets", "3e11", "--families", "llama", "--seq-len", "64", "--batch-size", "8",
+                   "--out", str(out), "--no-timing", "--name", name])  # fmt: skip
+    assert not list(tmp_path.rglob("*"))
+
+
 def test_cli_writes_a_sweep(tmp_path, capsys):
     plan.main(["--budgets", "3e11", "--families", "llama", "gpt2", "--seq-len", "64", "--batch-size", "8",
                "--out", str(tmp_path), "--no-timing", "--name", "t"])  # fmt: skip

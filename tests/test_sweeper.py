@@ -1,11 +1,19 @@
-"""Multirun through the real `harness-train` entry point with the sweep-file sweeper (local launcher)."""
+"""Multirun through the real `harness-train` entry point with the sweep-file sweeper (local launcher),
+and the Slurm launcher options it checks, composed as `harness-train -m` composes them."""
 
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
 
+from harness.config import CONF_DIR, register_configs
 from harness.results import collect
+from hydra_plugins.harness_sweeper import check_slurm_options
 
 FAST = ["train.batch_size=4", "train.eval_batches=2", "train.eval_every=5", "train.progress=false"]
 
@@ -49,3 +57,69 @@ def test_unsafe_slurm_option_is_rejected_before_submission(workdir):
     r = harness_train("hydra/launcher=slurm", "hydra.launcher.partition='debug;touch /tmp/x'", "model=gpt2_tiny",
                       "train.tokens=2560", "results_dir=results", cwd=workdir)  # fmt: skip
     assert r.returncode != 0 and "not a single shell-safe word" in r.stderr
+
+
+def compose_multirun(overrides: list[str]):
+    """The config `harness-train -m <overrides>` composes and hands its sweeper."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return GlobalHydra.instance().hydra.compose_config("config", overrides, run_mode=RunMode.MULTIRUN)
+
+
+def readme_slurm_overrides() -> list[str]:
+    """The overrides of the command in README.md's "On Slurm" section, as a shell would split them."""
+    section = (CONF_DIR.parent / "README.md").read_text().split("### On Slurm", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    words = shlex.split(block.replace("\\\n", " "), comments=True)
+    assert words[:2] == [".venv/bin/harness-train", "-m"], words
+    return words[2:]
+
+
+def test_readme_slurm_command_composes_and_passes_the_checks():
+    overrides = readme_slurm_overrides()
+    cfg = compose_multirun(overrides)
+    check_slurm_options(cfg.hydra.launcher)
+    launcher_opts = [o for o in OverridesParser.create().parse_overrides(overrides)
+                     if o.key_or_group.startswith("hydra.launcher.")]  # fmt: skip
+    assert any(o.key_or_group == "hydra.launcher.additional_parameters" for o in launcher_opts)
+    for o in launcher_opts:  # each arrives as written, extra sbatch options included
+        assert OmegaConf.select(cfg, o.key_or_group) == o.value(), o.input_line
+
+
+def launcher(*overrides: str):
+    return compose_multirun(["hydra/launcher=slurm", *overrides]).hydra.launcher
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        pytest.param('+hydra.launcher.srun_args=["--cpu-bind=cores","--mpi=pmix"]', None, id="words"),
+        pytest.param("+hydra.launcher.srun_args=['--cpu-bind=cores;touch /tmp/x']",
+                     "srun_args item '--cpu-bind=cores;touch /tmp/x' is not a single", id="two-commands"),
+        pytest.param("+hydra.launcher.srun_args=['--export=A=1 B=2']", "is not a single", id="space"),
+        pytest.param("+hydra.launcher.srun_args='--cpu-bind=cores'", "srun_args must be a list", id="not-a-list"),
+    ],
+)  # fmt: skip
+def test_srun_args_must_be_shell_safe_words(override, error):
+    cfg = launcher(override)
+    if error is None:
+        check_slurm_options(cfg)
+    else:
+        with pytest.raises(HydraException, match=error):
+            check_slurm_options(cfg)
+
+
+def test_setup_items_are_shell_lines_one_command_each():
+    cfg = launcher()
+    # verbatim shell by design: spaces, operators and variables pass
+    cfg.setup = ["module load cuda/12.1", "source .venv/bin/activate && echo $SLURM_JOB_ID"]
+    check_slurm_options(cfg)
+    for line in ("echo ok\nrm -rf ~", "echo ok\rrm -rf ~", "echo ok\0"):
+        cfg.setup = ["module load cuda/12.1", line]
+        with pytest.raises(HydraException, match="setup item .* holds a line break or NUL"):
+            check_slurm_options(cfg)

@@ -13,20 +13,25 @@ cartesian grammar; the command line wins on a shared key). Before anything is la
 config is composed and validated (unknown family, missing corpus, budget smaller than a batch,
 unsafe Slurm options), and runs whose directory already says "completed" are skipped, so
 relaunching a sweep resumes it. The launcher (local or Slurm via submitit) is Hydra's choice.
+
+Importing this module (Hydra's plugin discovery does) also registers `hydra/launcher:
+submitit_slurm_open`, the schema `conf/hydra/launcher/slurm.yaml` extends.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,22 @@ def load_sweep_file(path: Path, expected_name: str) -> list[list[str]]:
     return runs
 
 
+def _lines(launcher_cfg: Any, field: str) -> list[str]:
+    v = launcher_cfg.get(field)
+    if v is None:
+        return []
+    if isinstance(v, str) or not isinstance(v, Sequence):
+        raise HydraException(f"hydra.launcher.{field} must be a list, got {v!r}")
+    return [str(x) for x in v]
+
+
 def check_slurm_options(launcher_cfg: Any) -> None:
+    """Refuses submitit launcher values that could change the job script beyond their own option.
+
+    Options, extra sbatch options and srun arguments must each be one shell-safe word. `setup` (and
+    `teardown`) items are the user's own shell commands, put verbatim into the job script, so only
+    their shape is checked: each must be one line (no line feed, carriage return or NUL).
+    """
     if "submitit" not in str(launcher_cfg.get("_target_", "")):
         return
     for f in _SLURM_STR_FIELDS:
@@ -83,6 +103,31 @@ def check_slurm_options(launcher_cfg: Any) -> None:
     for k, v in (launcher_cfg.get("additional_parameters") or {}).items():
         if not _SAFE.fullmatch(str(k)) or not _SAFE.fullmatch(str(v)):
             raise HydraException(f"hydra.launcher.additional_parameters {k}={v!r} is not shell-safe")
+    for arg in _lines(launcher_cfg, "srun_args"):
+        if not _SAFE.fullmatch(arg):
+            raise HydraException(f"hydra.launcher.srun_args item {arg!r} is not a single shell-safe word")
+    for f in ("setup", "teardown"):
+        for line in _lines(launcher_cfg, f):
+            if any(c in line for c in "\n\r\0"):
+                raise HydraException(
+                    f"hydra.launcher.{f} item {line!r} holds a line break or NUL; give one command per item"
+                )
+
+
+def _open_slurm_schema() -> DictConfig:
+    """hydra-submitit-launcher's Slurm schema with `additional_parameters` left open. Hydra closes
+    every mapping of a composed config, so `hydra.launcher.additional_parameters={constraint: a100}`
+    would otherwise fail on a key the empty default lacks; this node's own flag outranks that."""
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+    node = OmegaConf.structured(SlurmQueueConf)
+    OmegaConf.set_struct(node.additional_parameters, False)
+    return node
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="submitit_slurm_open", node=_open_slurm_schema(), provider="harness"
+)
 
 
 class HarnessSweeper(BasicSweeper):
