@@ -123,3 +123,26 @@ def test_setup_items_are_shell_lines_one_command_each():
         cfg.setup = ["module load cuda/12.1", line]
         with pytest.raises(HydraException, match="setup item .* holds a line break or NUL"):
             check_slurm_options(cfg)
+
+
+def test_runs_live_elsewhere_are_skipped_naming_their_owner(workdir):
+    """A relaunched sweep leaves alone a run another live process is training."""
+    import json
+    from dataclasses import asdict
+
+    from harness.owner import OWNER_FILE, me
+
+    (workdir / "sweeps" / "two.yaml").write_text(
+        "sweep: two\ncommon: [train.tokens=2560]\nruns:\n"
+        "  - {run_name: free, overrides: [model=gpt2_tiny]}\n  - {run_name: busy, overrides: [model=llama_tiny]}\n"
+    )
+    busy = workdir / "results" / "two" / "busy"
+    busy.mkdir(parents=True)
+    (busy / OWNER_FILE).write_text(json.dumps(asdict(me())))  # this test process: alive, on this host
+    r = harness_train("sweep=two", "results_dir=results", "data.cache_dir=.cache", *FAST, cwd=workdir)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "being trained by pid" in out and "1 run(s) live elsewhere skipped" in out
+    df = collect(workdir / "results" / "two")
+    assert list(df.run) == ["free"] and list(df.status) == ["completed"]
+    assert sorted(p.name for p in busy.iterdir()) == [OWNER_FILE]  # untouched
