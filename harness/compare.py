@@ -181,25 +181,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level", type=float, default=0.95)
     p.add_argument("--out", default=None, help="output directory (default RESULTS/report)")
     args = p.parse_args(argv)
+    import warnings
+
     from harness.fileio import atomic_write_text
-    from harness.results import collect
+    from harness.results import collect, exclusion_lines, exclusions
 
     root = Path(args.results)
     if not root.is_dir():
         print(f"harness-compare: results directory not found: {root}", file=sys.stderr)
         return 2
-    runs = collect(root)
+    out = Path(args.out) if args.out else root / "report"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # every problem is printed below instead
+        runs = collect(root)
     if runs.empty:
         print(f"harness-compare: no runs under {root}", file=sys.stderr)
         return 2
     table, pairs = compare(runs, args.flops, args.bootstrap, args.seed, args.baseline, args.level)
     text = render(table, pairs)
-    out = Path(args.out) if args.out else root / "report"
     stem = f"compare_{args.flops:.0e}".replace("+", "")
     atomic_write_text(out / f"{stem}.md", text)
     atomic_write_text(out / f"{stem}.csv", to_csv(table))
     atomic_write_text(out / f"{stem}_pairs.csv", to_csv(pairs))
     print(text)
+    for line in exclusion_lines(exclusions(runs)):
+        print(line)
     print(f"written to {out / stem}.{{md,csv}}")
     return 0
 

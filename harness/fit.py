@@ -180,8 +180,9 @@ def frontier_inverse(theta: np.ndarray, loss: np.ndarray) -> np.ndarray:
 
 
 def split_usable(runs: pd.DataFrame, loss_col: str = LOSS_COL) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(runs fits may use, excluded runs with a `why` column). Excluded: not completed, non-finite
-    loss or compute, or marked not comparable (a non-causal mixer's loss is not an LM loss)."""
+    """(runs fits may use, excluded runs with a `why` column). Excluded: not completed (failed,
+    running, corrupt or invalid: `why` is the status and its reason), a non-finite or negative loss,
+    no compute, or marked not comparable (a non-causal mixer's loss is not an LM loss)."""
     why = pd.Series("", index=runs.index, dtype=object)
     status = runs["status"].fillna("unknown").astype(str)
     reason = runs["reason"].fillna("").astype(str) if "reason" in runs else pd.Series("", index=runs.index)
@@ -189,6 +190,8 @@ def split_usable(runs: pd.DataFrame, loss_col: str = LOSS_COL) -> tuple[pd.DataF
     loss = pd.to_numeric(runs[loss_col], errors="coerce")
     flops = pd.to_numeric(runs["flops_train"], errors="coerce")
     why[(why == "") & ~np.isfinite(loss)] = "non-finite loss (diverged)"
+    # a cross-entropy is never negative: such a number is a bug upstream, not a good run
+    why[(why == "") & (loss < 0)] = "negative loss (impossible)"
     why[(why == "") & ~(np.isfinite(flops) & (flops > 0))] = "no training FLOP count"
     if "comparable" in runs:
         why[(why == "") & ~runs["comparable"].fillna(True).astype(bool)] = "not comparable (non-causal)"

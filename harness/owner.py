@@ -134,10 +134,12 @@ def _fs_age(path: Path) -> float | None:
         return None
     try:
         probe.touch()
-        now = probe.stat().st_mtime
+    except OSError:  # a directory this process may only read: fall back to the local clock
+        return time.time() - mtime
+    try:
+        return probe.stat().st_mtime - mtime
     finally:
         probe.unlink(missing_ok=True)
-    return now - mtime
 
 
 def dead_because(owner: Owner, run_dir: Path, stale_s: float) -> str:

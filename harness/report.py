@@ -1,9 +1,11 @@
 """`harness-report RESULTS`: every plot and table of a sweep, from its results directory alone (R13).
 
-Writes RESULTS/report/: runs.csv, excluded.csv, fits.csv (every fitted parameter with its bootstrap
-interval), isoflop_optima.csv, allocation_optima.csv, compare.csv (fixed-compute table at the largest
-observed compute), the plots (loss vs compute with fits, bands and the Pareto frontier; IsoFLOP
-parabolas; N_opt and D_opt vs C; training curves; loss vs wall-clock; MoE expert load when logged)
+Writes RESULTS/report/: runs.csv, excluded.csv (every run the fits leave out and every run whose
+malformed metrics lines were skipped, with the file at fault and why; the command prints them too),
+fits.csv (every fitted parameter with its bootstrap interval), isoflop_optima.csv,
+allocation_optima.csv, compare.csv (fixed-compute table at the largest observed compute), the plots
+(loss vs compute with fits, bands and the Pareto frontier; IsoFLOP parabolas; N_opt and D_opt vs C;
+training curves; loss vs wall-clock; MoE expert load when logged)
 and index.md / index.html tying them together. Reruns are byte-identical: rows are sorted, every fit
 draws from a generator seeded by (seed, approach, arch), nothing records a time, PNGs carry no
 software or date metadata. A fit without enough points leaves a note and the other outputs still come.
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 RUN_COLS = ["arch", "family", "run", "label", "status", "final_val_loss", "params_nonembed", "params_active",
             "tokens", "flops_train", "flops_budget", "wall_s"]  # fmt: skip
+EXCLUDED_COLS = ["arch", "run", "status", "file", "why"]
 
 
 # Every other value of the published grid: 243 starts instead of 4500, so a demo report takes seconds.
@@ -403,7 +406,7 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
     """Writes the report for one results directory and returns the report directory."""
     import warnings
 
-    from harness.results import collect
+    from harness.results import collect, exclusions
     from harness.results import curves as read_curves
 
     root = Path(results)
@@ -411,7 +414,7 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
         raise ReportError(f"results directory not found: {root}")
     out = Path(out) if out else root / "report"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # corrupt runs are listed in the report instead
+        warnings.simplefilter("ignore")  # every problem is listed in excluded.csv and index.md instead
         runs = collect(root)
         curves = read_curves(root, runs)
     runs = runs[~runs["path"].astype(str).str.startswith(str(out))]
@@ -428,14 +431,15 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
     fits = fit_all(kept, curves, n_boot, seed, grid)
 
     files: dict[str, bytes | str] = {}
-    run_table = runs.reindex(columns=RUN_COLS + ["reason"]).sort_values(["arch", "run"], kind="stable")
+    run_table = runs.reindex(columns=RUN_COLS + ["reason", "file", "metrics_skipped"]).sort_values(
+        ["arch", "run"], kind="stable"
+    )
     files["runs.csv"] = to_csv(run_table)
     buf = io.BytesIO()
     run_table.to_parquet(buf, index=False)
     files["runs.parquet"] = buf.getvalue()
-    excl = excluded.reindex(columns=["arch", "run", "status", "why"]).sort_values(
-        ["arch", "run"], kind="stable"
-    )
+    excl = exclusions(runs).reindex(columns=EXCLUDED_COLS)
+    n_lines = int((excl["file"] == "metrics.jsonl").sum())
     files["excluded.csv"] = to_csv(excl)
     ft = fits_table(fits, level)
     files["fits.csv"] = to_csv(ft)
@@ -475,11 +479,14 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
     span = F._decades(kept["flops_train"].to_numpy(float)) if len(kept) else 0.0
     n_iso = len(iso)
     sections: list[tuple[str, str, pd.DataFrame | None, str | None]] = [
-        ("Runs", f"{len(runs)} runs found, {len(kept)} used in fits, {len(excluded)} excluded "
-         f"(failed, diverged, incomplete or not comparable). Training compute spans {span:.2f} decades "
-         f"({kept['flops_train'].min():.3g} to {kept['flops_train'].max():.3g} FLOPs). Table: runs.csv." if len(kept)
-         else f"{len(runs)} runs found, none usable in fits.", None, None),
-        ("Excluded runs", "", excl, None),
+        ("Runs", (f"{len(runs)} runs found, {len(kept)} used in fits, {len(excluded)} excluded "
+         f"(failed, diverged, incomplete, corrupt, invalid or not comparable). Training compute spans {span:.2f} "
+         f"decades ({kept['flops_train'].min():.3g} to {kept['flops_train'].max():.3g} FLOPs). Table: runs.csv."
+         if len(kept) else f"{len(runs)} runs found, none usable in fits, {len(excluded)} excluded.")
+         + (f" Malformed metrics.jsonl lines were skipped in {n_lines} run{'s' * (n_lines > 1)}." if n_lines
+            else ""), None, None),
+        ("Exclusions", f"{len(excl)} exclusions: each run the fits leave out and each run with skipped metrics "
+         "lines, with the file at fault (empty for a run-level reason) and why. Table: excluded.csv.", excl, None),
         ("Which fits the data identify", "A fit is `ok` when its data determine it, and `not identified` otherwise, "
          "with the reasons (too few points, a compute span under a decade, a parameter at a bound, failed bootstrap "
          "refits, an interval spanning an order of magnitude, an optimum outside the sampled sizes). Plots draw "
@@ -571,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as e:
         print(f"harness-report: {e}", file=sys.stderr)
         return 2
+    from harness.results import exclusion_lines
+
+    excl = pd.read_csv(out / "excluded.csv", dtype=str, keep_default_na=False)
+    for line in exclusion_lines(excl):
+        print(line)
     print(f"report written to {out}/index.md")
     return 0
 

@@ -1,9 +1,22 @@
 """Collect every run under a results directory into tidy tables.
 
-`collect(path)`: one row per run directory; `curves(path)`: one row per (run, logged step).
-A run directory is one that holds config.yaml, metrics.jsonl or summary.json. A corrupt or
-half-written run directory becomes a row with status "corrupt" and a reason, and a warning, never
-an exception, so one bad run cannot hide the others.
+`collect(path)`: one row per run directory; `curves(path)`: one row per (run, logged step);
+`exclusions(runs)`: one row per run the fits cannot use and per run whose metrics lines were skipped.
+A run directory is one that holds config.yaml, metrics.jsonl or summary.json.
+
+Every run file is validated when read (schemas in `harness.rundir`; the model in config.yaml must
+build with `harness.models.make_config`). Reading one run never raises, so one bad run cannot hide
+the others. A run's `status` is the summary's (running | completed | failed), or:
+- "corrupt": a run file is missing or malformed;
+- "invalid": the summary says completed but its numbers are impossible: a negative or non-finite
+  loss, tokens that are not steps x batch_size x seq_len, flops_train that is not flops_per_token x
+  tokens, flops_per_token other than the FLOP accountant's count for the config's model, a
+  negative parameter count. (Completed without a finite final val loss stays "failed".)
+`reason` says why, starting with the file at fault; `file` names that file (several joined by ", ",
+empty for a run-level reason such as a divergence). Malformed metrics.jsonl lines are skipped:
+`metrics_skipped` counts them and `metrics_reason` says which and why, except a torn last line of a
+"running" run, which a crash mid-write leaves and which is counted but not reported. Corrupt and
+invalid runs and skipped lines also raise a warning.
 """
 
 from __future__ import annotations
@@ -18,17 +31,26 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from harness import flops as flop_count
+from harness.fit import split_usable
+from harness.models import make_config
+from harness.rundir import RunFileError, Summary, load_summary, parse_metrics
+
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 COLUMNS = [
-    "sweep", "run", "path", "status", "reason", "family", "arch", "causal", "comparable",
+    "sweep", "run", "path", "status", "reason", "file", "family", "arch", "causal", "comparable",
     "final_val_loss", "final_train_loss", "params_total", "params_nonembed", "params_active",
     "flops_per_token", "flops_6n_per_token", "flops_train", "flops_budget", "tokens", "steps",
     "batch_size", "lr", "seq_len", "wall_s", "tokens_per_s", "device", "d_model", "n_layers",
+    "metrics_skipped", "metrics_reason",
 ]  # fmt: skip
 CURVE_COLUMNS = ["sweep", "run", "family", "arch", "step", "tokens", "flops_train", "train_loss",
                  "val_loss", "lr", "wall_s", "tokens_per_s"]  # fmt: skip
+EXCLUSION_COLUMNS = ["sweep", "arch", "run", "status", "file", "why"]
+SHAPE_KEYS = (("train", "batch_size"), ("model", "seq_len"))  # (config.yaml section, key = summary field)
+REL_TOL = 1e-6  # summary numbers are written from exact integer products; 1e-6 absorbs float printing
 
 
 def find_run_dirs(path: str | Path) -> list[Path]:
@@ -42,35 +64,167 @@ def find_run_dirs(path: str | Path) -> list[Path]:
     )
 
 
-def _read_run(d: Path, root: Path) -> dict[str, Any]:
+def _show(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _read_summary(d: Path) -> tuple[Summary | None, str | None]:
+    """(summary, None) or (None, why it is unusable)."""
+    try:
+        s = load_summary(d)
+    except RunFileError as e:
+        msg = str(e)
+        prefix = f"{d / 'summary.json'}: "
+        return None, msg[len(prefix) :] if msg.startswith(prefix) else msg
+    except OSError as e:
+        return None, f"unreadable ({e})"
+    return (s, None) if s is not None else (None, "missing")
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """'expected ',' or ']', but got '<stream end>' at line 2, column 1': without the echoed source."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem:
+        return " ".join(str(e).split())[:200]
+    return problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else "")
+
+
+def _read_config(d: Path) -> tuple[dict[str, Any], Any, list[str]]:
+    """(config mapping, built model config or None, [why config.yaml is malformed])."""
+    p = d / "config.yaml"
+    try:
+        config = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        return {}, None, ["missing"]
+    except yaml.YAMLError as e:
+        return {}, None, [f"not valid YAML ({_yaml_error(e)})"]
+    except (OSError, UnicodeDecodeError) as e:
+        return {}, None, [f"unreadable ({e})"]
+    if not isinstance(config, dict):
+        found = "nothing" if config is None else f"{type(config).__name__} {_show(config)}"
+        return {}, None, [f"expected a mapping, found {found}"]
+    bad = [
+        f"{k} must be a mapping, found {type(config[k]).__name__} {_show(config[k])}"
+        for k in ("model", "train", "data", "optim")
+        if k in config and not isinstance(config[k], dict)
+    ]
+    model = config.get("model")
+    if "model" not in config:
+        bad.insert(0, "model missing")
+    model_cfg = None
+    if isinstance(model, dict):
+        try:
+            model_cfg = make_config(dict(model))
+        except Exception as e:  # unknown family or field, or a value its __post_init__ rejects
+            bad.append(f"model: {e}" if isinstance(e, ValueError) else f"model: {type(e).__name__}: {e}")
+    for section, key in SHAPE_KEYS:  # the truth the summary's token count is held to
+        v = config[section].get(key) if isinstance(config.get(section), dict) else None
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            bad.append(f"{section}.{key} must be a positive integer, found {_show(v)}")
+    return config, model_cfg, bad
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=0.0)
+
+
+def _impossible(s: Summary, config: dict[str, Any], model_cfg: Any) -> list[str]:
+    """Why a completed run's numbers cannot be true (empty when they can)."""
+    why = []
+    for k in ("final_val_loss", "final_train_loss"):
+        v = getattr(s, k)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            why.append(f"{k} {v} is {'negative' if v < 0 else 'not finite'}")
+    for k in ("params_total", "params_nonembed", "params_active"):
+        v = getattr(s, k)
+        if v is not None and v < 0:
+            why.append(f"{k} {v} is negative")
+    # config.yaml is what the run was built from: its shape is the truth the summary must match
+    truth = {}
+    for section, key in SHAPE_KEYS:
+        cv, sv = config.get(section, {}).get(key), getattr(s, key)
+        if cv is not None and sv is not None and cv != sv:
+            why.append(f"{key} {sv} disagrees with config.yaml {section}.{key} {cv}")
+        truth[key] = (cv, f"config.yaml {section}.{key}") if cv is not None else (sv, key)
+    (bs, bs_src), (sl, sl_src) = truth["batch_size"], truth["seq_len"]
+    if s.tokens is not None and s.steps is not None and bs is not None and sl is not None:
+        if s.tokens != s.steps * bs * sl:
+            why.append(
+                f"tokens {s.tokens} != steps {s.steps} x {bs_src} {bs} x {sl_src} {sl} = {s.steps * bs * sl}"
+            )
+    if s.flops_train is not None and s.flops_per_token is not None and s.tokens is not None:
+        want = s.flops_per_token * s.tokens
+        if not _close(s.flops_train, want):
+            why.append(
+                f"flops_train {s.flops_train:.6g} != flops_per_token {s.flops_per_token:.6g} x tokens "
+                f"{s.tokens} = {want:.6g}"
+            )
+    if s.flops_per_token is not None and model_cfg is not None:
+        try:
+            want = flop_count.count(model_cfg, model_cfg.seq_len).train
+        except Exception as e:  # a config that builds but cannot be counted is reported, not raised
+            why.append(f"the FLOP accountant cannot count config.yaml's model ({type(e).__name__}: {e})")
+        else:
+            if not _close(s.flops_per_token, want):
+                why.append(
+                    f"flops_per_token {s.flops_per_token:.6g} != {want:.6g}, the FLOP accountant's count "
+                    "for config.yaml's model"
+                )
+    return why
+
+
+def _skipped_reason(bad: list[tuple[int, str]]) -> str:
+    """'2 malformed lines skipped (lines 3, 7: not valid JSON (Expecting value))'."""
+    by_why: dict[str, list[int]] = {}
+    for n, why in bad:
+        by_why.setdefault(why, []).append(n)
+    parts = []
+    for why, lines in by_why.items():
+        shown = ", ".join(map(str, lines[:5])) + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")
+        parts.append(f"line{'s' if len(lines) > 1 else ''} {shown}: {why}")
+    more = f"; {len(parts) - 3} other reasons" if len(parts) > 3 else ""
+    n = len(bad)
+    return f"{n} malformed line{'s' if n > 1 else ''} skipped ({'; '.join(parts[:3])}{more})"
+
+
+def _read_metrics(d: Path, status: str | None) -> tuple[int, str]:
+    """(lines skipped, why; empty when nothing needs reporting)."""
+    p = d / "metrics.jsonl"
+    try:
+        text = p.read_text(errors="replace")
+    except FileNotFoundError:
+        return 0, ""
+    except OSError as e:
+        return 0, f"unreadable ({e})"
+    _, bad = parse_metrics(text)
+    report = list(bad)
+    last = max((i for i, line in enumerate(text.splitlines(), start=1) if line.strip()), default=0)
+    torn = bool(report) and report[-1][0] == last and report[-1][1].startswith("not valid JSON")
+    # A run killed mid-write leaves its last line torn; it resumes from a checkpoint that drops it.
+    if status == "running" and torn:
+        report.pop()
+    return len(bad), _skipped_reason(report) if report else ""
+
+
+def _blank_row(d: Path, root: Path) -> dict[str, Any]:
     row: dict[str, Any] = {c: None for c in COLUMNS}
     rel = d.relative_to(root)
-    row.update(path=str(d), run=d.name, sweep=rel.parts[0] if len(rel.parts) > 1 else root.name)
-    problems: list[str] = []
-    summary: dict[str, Any] = {}
-    if (d / "summary.json").exists():
-        try:
-            summary = json.loads((d / "summary.json").read_text())
-            if not isinstance(summary, dict):
-                raise ValueError("not a JSON object")
-        except (json.JSONDecodeError, ValueError, UnicodeDecodeError) as e:
-            problems.append(f"summary.json unreadable ({e})")
-            summary = {}
-    else:
-        problems.append("summary.json missing")
-    config: dict[str, Any] = {}
-    if (d / "config.yaml").exists():
-        try:
-            config = yaml.safe_load((d / "config.yaml").read_text()) or {}
-            if not isinstance(config, dict):
-                raise ValueError("not a mapping")
-        except (yaml.YAMLError, ValueError) as e:
-            problems.append(f"config.yaml unreadable ({e})")
-            config = {}
-    else:
-        problems.append("config.yaml missing")
+    row.update(path=str(d), run=d.name, sweep=rel.parts[0] if len(rel.parts) > 1 else root.name, file="",
+               metrics_skipped=0, metrics_reason="")  # fmt: skip
+    return row
 
-    model = config.get("model") or {}
+
+def _read_run(d: Path, root: Path) -> dict[str, Any]:
+    row = _blank_row(d, root)
+    problems: list[tuple[str, str]] = []  # (file, why)
+    summary, why = _read_summary(d)
+    if why:
+        problems.append(("summary.json", why))
+    config, model_cfg, bad = _read_config(d)
+    problems += [("config.yaml", w) for w in bad]
+
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
     row.update(
         family=model.get("family"),
         arch=model.get("name") or model.get("family"),
@@ -78,19 +232,25 @@ def _read_run(d: Path, root: Path) -> dict[str, Any]:
         n_layers=model.get("n_layers"),
         seq_len=model.get("seq_len"),
     )
-    for k in COLUMNS:
-        if k in summary and k not in ("path", "run"):
-            row[k] = summary[k]
-    row["device"] = (summary.get("hardware") or {}).get("device")
-    status = summary.get("status")
+    if summary is not None:
+        for k in Summary.model_fields:  # declared fields only: extras are unvalidated
+            v = getattr(summary, k)
+            if k in COLUMNS and k not in ("run", "status", "reason") and v is not None:
+                row[k] = v
+        row["device"] = (summary.hardware or {}).get("device")
+    status = summary.status if summary is not None else None
+    row.update(status=status, reason=(summary.reason or None) if summary is not None else None)
     if problems:
-        row.update(status="corrupt", reason="; ".join(problems))
-    elif status not in ("completed", "failed", "running"):
-        row.update(status="corrupt", reason=f"unknown status {status!r} in summary.json")
-    elif status == "completed" and not _finite(summary.get("final_val_loss")):
         row.update(
-            status="failed", reason=summary.get("reason") or "completed without a finite final val loss"
+            status="corrupt",
+            reason="; ".join(f"{f}: {w}" for f, w in problems),
+            file=", ".join(dict.fromkeys(f for f, _ in problems)),
         )
+    elif status == "completed" and not _finite(summary.final_val_loss):
+        row.update(status="failed", reason=summary.reason or "completed without a finite final val loss")
+    elif status == "completed" and (impossible := _impossible(summary, config, model_cfg)):
+        row.update(status="invalid", reason="summary.json: " + "; ".join(impossible), file="summary.json")
+    row["metrics_skipped"], row["metrics_reason"] = _read_metrics(d, status)
     return row
 
 
@@ -105,9 +265,15 @@ def collect(path: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"results directory not found: {root}")
     rows = []
     for d in find_run_dirs(root):
-        row = _read_run(d, root)
-        if row["status"] == "corrupt":
-            warnings.warn(f"run {d}: {row['reason']}", stacklevel=2)
+        try:
+            row = _read_run(d, root)
+        except Exception as e:  # a failure nobody foresaw still must not hide the other runs
+            row = _blank_row(d, root)
+            row.update(status="corrupt", reason=f"unreadable ({type(e).__name__}: {e})")
+        if row["status"] in ("corrupt", "invalid"):
+            warnings.warn(f"run {d}: {row['status']}: {row['reason']}", stacklevel=2)
+        if row["metrics_reason"]:
+            warnings.warn(f"run {d}: metrics.jsonl: {row['metrics_reason']}", stacklevel=2)
         rows.append(row)
     df = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("causal", "comparable"):
@@ -120,8 +286,32 @@ def collect(path: str | Path) -> pd.DataFrame:
         in ("tokens", "steps", "batch_size", "lr", "seq_len", "wall_s", "tokens_per_s", "d_model", "n_layers")
     ]
     df[num] = df[num].apply(pd.to_numeric, errors="coerce")
+    df["metrics_skipped"] = df["metrics_skipped"].fillna(0).astype(int)
+    df["metrics_reason"] = df["metrics_reason"].fillna("").astype(str)
+    df["file"] = df["file"].fillna("").astype(str)
     df["label"] = [run_label(r) for r in df.itertuples()]
     return df.sort_values(["sweep", "run"], kind="stable").reset_index(drop=True)
+
+
+def exclusions(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run `fit.split_usable` excludes, with the file at fault (empty for a run-level reason),
+    and every run whose malformed metrics lines were skipped (file metrics.jsonl); sorted rows."""
+    _, excluded = split_usable(runs)
+    frames = [excluded.assign(file=excluded["file"] if "file" in excluded else "")]
+    if "metrics_reason" in runs:
+        lines = runs[runs["metrics_reason"].fillna("").astype(str) != ""]
+        frames.append(lines.assign(file="metrics.jsonl", why=lines["metrics_reason"]))
+    frames = [f.reindex(columns=EXCLUSION_COLUMNS) for f in frames if len(f)]
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EXCLUSION_COLUMNS)
+    out["file"] = out["file"].fillna("").astype(str)
+    return out.sort_values(["sweep", "arch", "run", "file"], kind="stable").reset_index(drop=True)
+
+
+def exclusion_lines(excl: pd.DataFrame) -> list[str]:
+    """One line per row of `exclusions`, for a command's output: 'excluded RUN [FILE]: WHY'."""
+    return [
+        f"excluded {r.run}" + (f" [{r.file}]" if r.file else "") + f": {r.why}" for r in excl.itertuples()
+    ]
 
 
 def _short(x: float) -> str:
@@ -147,24 +337,19 @@ def run_label(r: Any) -> str:
 
 
 def curves(path: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (run, logged step) from every metrics.jsonl under `path`; torn lines are skipped.
-    `runs`: the `collect(path)` table when the caller already has it, so run dirs are read once."""
+    """One row per (run, logged step) from every metrics.jsonl under `path`. Lines that do not parse
+    as a metrics record are skipped; `collect` counts and reports them (`metrics_skipped`,
+    `metrics_reason`). `runs`: the `collect(path)` table when the caller already has it."""
     root = Path(path)
     if runs is None:
         runs = collect(root) if root.is_dir() else pd.DataFrame(columns=COLUMNS)
     frames = []
     for r in runs.itertuples():
         p = Path(r.path) / "metrics.jsonl"
-        if not p.exists():
+        try:
+            recs, _ = parse_metrics(p.read_text(errors="replace"))
+        except OSError:
             continue
-        recs = []
-        for i, line in enumerate(p.read_text(errors="replace").splitlines()):
-            try:
-                rec = json.loads(line)
-                if isinstance(rec, dict) and "step" in rec:
-                    recs.append(rec)
-            except json.JSONDecodeError:
-                warnings.warn(f"{p}:{i + 1}: unreadable metrics line skipped", stacklevel=2)
         if recs:
             f = pd.DataFrame(recs)
             f.insert(0, "sweep", r.sweep)

@@ -7,7 +7,7 @@ import pytest
 
 from harness import compare as C
 from harness.results import collect
-from tests.test_report import make_results
+from tests.test_report import add_malformed, make_results
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +81,25 @@ def test_no_bare_inf_a_missing_multiplier_says_why(runs):
     t = C.compare(runs, 1e13, fits=fits)[0].set_index("arch")
     assert t.loc["switch", "fit_status"] == "not identified" and np.isnan(t.loc["switch", "loss_pred"])
     assert "too few points" in t.loc["switch", "note"]
+
+
+def test_cli_prints_every_exclusion_and_survives_malformed_runs(tmp_path, capsys):
+    root = make_results(tmp_path / "demo", budgets=(1e12, 1e13), sizes=3)
+    bad = add_malformed(root)
+    assert C.main([str(root), "--flops", "1e13", "--bootstrap", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "Fixed-compute comparison" in out
+    for run, (file, why) in bad.items():
+        assert f"excluded {run} [{file}]: {why}" in out, run
+    assert "excluded llama-corrupt [summary.json]: corrupt: summary.json: not valid JSON" in out
+
+
+def test_negative_loss_is_excluded_even_from_a_raw_table(runs):
+    """A caller may pass a table that did not come from collect: an impossible loss still never counts."""
+    t = C.compare(runs, 1e13, n_boot=10)[0].set_index("arch")
+    raw = runs.copy()
+    i = raw.index[(raw["arch"] == "llama") & (raw["flops_budget"] == 1e13)][0]
+    raw.loc[i, "final_val_loss"] = -3.0  # would be the best run near 1e13 FLOPs
+    t_raw = C.compare(raw, 1e13, n_boot=10)[0].set_index("arch")
+    assert t_raw.loc["llama", "n_runs"] == t.loc["llama", "n_runs"] - 1
+    assert t_raw.loc["llama", "best_run_loss"] > 0

@@ -31,16 +31,19 @@ def write_run(root: Path, name: str, arch: str, family: str, n: float, d: float,
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     lines = []
     for i, f in enumerate((0.125, 0.25, 0.5, 0.75, 1.0)):
-        rec = {"step": i + 1, "tokens": d * f, "flops_train": 6 * n * d * f, "train_loss": law(n, d * f, a_scale),
-               "val_loss": law(n, d * f, a_scale), "wall_s": 6 * n * d * f / 1e12}  # fmt: skip
+        rec = {"step": i + 1, "tokens": round(d * f), "flops_train": 6 * n * d * f,
+               "train_loss": law(n, d * f, a_scale), "val_loss": law(n, d * f, a_scale),
+               "wall_s": 6 * n * d * f / 1e12}  # fmt: skip
         if moe:
             rec["metric/expert_load"] = [[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.3, 0.2]]
         lines.append(json.dumps(rec))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     loss = law(n, d, a_scale) * math.exp(noise) if final is None else final
-    summary = {"status": status, "final_val_loss": loss, "final_train_loss": loss, "params_total": 1.2 * n,
-               "params_nonembed": n, "params_active": n, "flops_per_token": 6 * n, "flops_train": 6 * n * d,
-               "flops_budget": budget, "tokens": d, "steps": 5, "wall_s": 6 * n * d / 1e12}  # fmt: skip
+    # No flops_per_token: the planted law's C = 6ND is no FLOP count of the config above, and
+    # collect holds a summary's flops_per_token to the accountant's count for its config.
+    summary = {"status": status, "final_val_loss": loss, "final_train_loss": loss, "params_total": round(1.2 * n),
+               "params_nonembed": round(n), "params_active": round(n), "flops_train": 6 * n * d,
+               "flops_budget": budget, "tokens": round(d), "steps": 5, "wall_s": 6 * n * d / 1e12}  # fmt: skip
     if status == "failed":
         summary["reason"] = "diverged: non-finite loss at step 3"
     (run / "summary.json").write_text(json.dumps(summary))
@@ -64,6 +67,63 @@ def make_results(root: Path, budgets=(1e12, 3e12, 1e13, 3e13, 1e14), sizes: int 
     (bad / "config.yaml").write_text("model: {family: llama}\n")
     (bad / "summary.json").write_text('{"status": "compl')
     return root
+
+
+CHECKED_MODEL = {"family": "llama", "name": "checked", "d_model": 64, "n_layers": 2, "seq_len": 64}
+
+
+def flops_per_token_checked() -> int:
+    from harness import flops
+    from harness.models import make_config
+
+    return flops.count(make_config(dict(CHECKED_MODEL))).train
+
+
+def write_checked_run(root: Path, name: str, *, summary: dict | None = None, config: str | None = None,
+                      summary_text: str | None = None, metrics: list[str] | None = None) -> Path:  # fmt: skip
+    """A completed run whose numbers agree with its config and the FLOP accountant (arch "checked");
+    `summary` entries override, `config` / `summary_text` replace a file's text, `metrics` its lines."""
+    run = root / name
+    run.mkdir(parents=True)
+    fpt = flops_per_token_checked()
+    steps, batch = 5, 4
+    tokens = steps * batch * CHECKED_MODEL["seq_len"]
+    cfg = {"model": CHECKED_MODEL, "train": {"batch_size": batch}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg) if config is None else config)
+    recs = [json.dumps({"step": s, "tokens": s * tokens // steps, "flops_train": fpt * s * tokens // steps,
+                        "val_loss": 5.0 - 0.1 * s}) for s in range(1, steps + 1)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("\n".join(recs if metrics is None else metrics) + "\n")
+    s = {"status": "completed", "final_val_loss": 4.5, "final_train_loss": 4.4, "params_total": 100_000,
+         "params_nonembed": 60_000, "params_active": 100_000, "flops_per_token": fpt, "flops_train": fpt * tokens,
+         "tokens": tokens, "steps": steps, "batch_size": batch, "seq_len": 64, "hardware": {"device": "cpu"},
+         **(summary or {})}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(s) if summary_text is None else summary_text)
+    return run
+
+
+def add_malformed(root: Path) -> dict[str, tuple[str, str]]:
+    """One run per malformed or impossible case beside a good checked run; {run: (file, start of why)}."""
+    write_checked_run(root, "checked-good")
+    fpt, tokens = flops_per_token_checked(), 5 * 4 * CHECKED_MODEL["seq_len"]  # steps x batch x seq_len
+    good = (root / "checked-good" / "metrics.jsonl").read_text().splitlines()
+    write_checked_run(root, "bad-model-str", config="model: gpt2\n")
+    write_checked_run(root, "bad-config-yaml", config="model: [llama\n")
+    write_checked_run(root, "bad-hardware", summary={"hardware": "cpu"})
+    write_checked_run(root, "bad-summary-json", summary_text='{"status": "completed", "final_val_loss": 4.5')
+    write_checked_run(root, "bad-negative-loss", summary={"final_val_loss": -3})
+    write_checked_run(root, "bad-tokens", summary={"tokens": tokens + 64, "flops_train": fpt * (tokens + 64)})
+    write_checked_run(root, "bad-flops-train", summary={"flops_train": fpt * tokens * 2})
+    write_checked_run(root, "bad-metrics-line", metrics=good[:2] + ["{garbage"] + good[2:])
+    return {
+        "bad-model-str": ("config.yaml", "corrupt: config.yaml: model must be a mapping, found str 'gpt2'"),
+        "bad-config-yaml": ("config.yaml", "corrupt: config.yaml: not valid YAML"),
+        "bad-hardware": ("summary.json", "corrupt: summary.json: hardware: Input should be a valid dictionary"),
+        "bad-summary-json": ("summary.json", "corrupt: summary.json: not valid JSON"),
+        "bad-negative-loss": ("summary.json", "invalid: summary.json: final_val_loss -3.0 is negative"),
+        "bad-tokens": ("summary.json", "invalid: summary.json: tokens 1344 != steps 5 x config.yaml train.batch_size"),
+        "bad-flops-train": ("summary.json", "invalid: summary.json: flops_train"),
+        "bad-metrics-line": ("metrics.jsonl", "1 malformed line skipped (line 3: not valid JSON"),
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +244,52 @@ def test_grids_that_missed_their_optimum_are_listed(tmp_path):
     assert "## IsoFLOP grids that missed their optimum" in index and "harness-plan --extend" in index
     assert index.count("below the smallest model size sampled") == 3
     assert "| llama | isoflop | not fitted |" in index
+
+
+@pytest.fixture(scope="module")
+def malformed(tmp_path_factory) -> tuple[Path, dict[str, tuple[str, str]]]:
+    root = make_results(tmp_path_factory.mktemp("bad") / "demo", budgets=(1e12, 1e13, 1e14), sizes=3)
+    return root, add_malformed(root)
+
+
+def test_report_lists_every_malformed_run_and_uses_the_good_ones(malformed, tmp_path):
+    import pandas as pd
+
+    root, bad = malformed
+    out = report.build_report(root, tmp_path / "r", n_boot=10, grid=SMALL_GRID)
+    excl = pd.read_csv(out / "excluded.csv", dtype=str, keep_default_na=False)
+    assert list(excl.columns) == ["arch", "run", "status", "file", "why"]
+    got = {r.run: (r.file, r.why) for r in excl.itertuples()}
+    for run, (file, why) in bad.items():
+        assert got[run][0] == file and got[run][1].startswith(why), (run, got.get(run))
+    # make_results' own failed, diverged, running and torn runs; nothing else is left out
+    assert set(got) == set(bad) | {"llama-failed", "llama-nan", "llama-running", "llama-corrupt"}
+    assert got["llama-failed"] == ("", "failed: diverged: non-finite loss at step 3")
+    runs = pd.read_csv(out / "runs.csv")
+    used = set(runs.run) - (set(got) - {"bad-metrics-line"})
+    assert len(used) == 2 * 9 + 2  # every llama and switch run, checked-good and bad-metrics-line
+    index = (out / "index.md").read_text()
+    assert f"{len(runs)} runs found, {len(used)} used in fits, 11 excluded" in index
+    assert "Malformed metrics.jsonl lines were skipped in 1 run." in index
+    assert "## Exclusions\n\n12 exclusions" in index and "| bad-model-str | corrupt | config.yaml |" in index
+    fits = pd.read_csv(out / "fits.csv")
+    assert {"llama", "switch"} <= set(fits[fits.approach == "frontier"].arch)
+
+
+def test_report_cli_prints_every_exclusion(malformed, tmp_path, capsys):
+    root, bad = malformed
+    assert report.main([str(root), "--out", str(tmp_path / "r"), "--bootstrap", "5"]) == 0
+    out = capsys.readouterr().out
+    for run, (file, why) in bad.items():
+        assert f"excluded {run} [{file}]: {why}" in out, run
+    assert "excluded llama-failed: failed: diverged" in out
+
+
+def test_report_over_only_malformed_runs_completes(tmp_path):
+    root = tmp_path / "worst"
+    bad = add_malformed(root)
+    for run in ("checked-good", "bad-metrics-line"):
+        (root / run / "summary.json").write_text("{}")  # leaves no run usable
+    out = report.build_report(root, n_boot=5, grid=SMALL_GRID)
+    index = (out / "index.md").read_text()
+    assert f"{len(bad) + 1} runs found, none usable in fits, {len(bad) + 1} excluded." in index
