@@ -208,9 +208,21 @@ def register_configs() -> None:
 # Fields that choose where or how an attempt executes, not what it computes: left out of run names,
 # and free to change when a run resumes.
 EXECUTION_ONLY: dict[str, tuple[str, ...]] = {
-    "train": ("device", "threads", "progress", "log_every", "ckpt_every", "stop_after_steps", "if_busy",
-              "owner_stale_s", "spike_factor", "spike_steps", "fail_above_uniform", "resume",
-              "keep_checkpoints"),  # fmt: skip
+    "train": (
+        "device",
+        "threads",
+        "progress",
+        "log_every",
+        "ckpt_every",
+        "stop_after_steps",
+        "if_busy",
+        "owner_stale_s",
+        "spike_factor",
+        "spike_steps",
+        "fail_above_uniform",
+        "resume",
+        "keep_checkpoints",
+    ),
     "data": ("cache_dir",),
     "model": ("backend",),  # which kernels compute the same function (torch, native C, CUDA)
 }
