@@ -5,22 +5,27 @@ host, pid, process start time and Slurm job. The file is published with a hard l
 Lustre make atomic (unlike `flock`, which they may ignore); the link count settles a reply lost in
 transit. While it trains, a daemon thread touches the file every `heartbeat_s`.
 
-An owner is dead when any of these holds:
-- it ran on this host and its pid is gone, or now belongs to another process (start time differs);
-- it is this Slurm job at an earlier attempt (the job was requeued: the old attempt is gone);
-- its Slurm job is no longer pending or running in `squeue`;
-- its heartbeat is older than `stale_s`, measured against the filesystem's own clock (the mtime of a
-  probe file), so clock skew between nodes does not matter.
+Whether an owner lives is decided by the strongest evidence at hand, in this order:
+- it ran on this machine (same host, boot and pid namespace): alive exactly when its pid runs
+  with the same start time;
+- it is this Slurm job at an earlier attempt: dead (the job was requeued, the old attempt is gone);
+- its Slurm job, on this cluster, is known to `squeue`: alive while pending, running or suspended,
+  dead once it has ended or left `squeue`;
+- otherwise: dead once its heartbeat is older than `stale_s`, measured against the filesystem's own
+  clock (the mtime of a probe file), so clock skew between nodes does not matter.
 
-A dead owner is removed under a short-lived break lock (`owner.json.break`), after checking that
-the file still names the same owner, so two processes that find it dead cannot both take over. An
-owner that finds its token gone from `owner.json` (it was presumed dead, say after a long
-suspension) has lost the run: it stops before writing anything more.
+Every removal of `owner.json` (a takeover, a release) happens under a short-lived break lock
+(`owner.json.break`), after checking that the file still names the expected owner, so two processes
+that find an owner dead cannot both take over. An owner that finds its token gone from
+`owner.json` (it was presumed dead, say after a long suspension) has lost the run: the train loop
+stops before writing anything more (`check` every step from the heartbeat's flag, `verify` from the
+file itself before each checkpoint and summary).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -33,10 +38,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
+
 log = logging.getLogger(__name__)
 
 OWNER_FILE = "owner.json"
-BREAK_STALE_S = 60.0  # a break lock is held for milliseconds; one this old was left by a crash
+BREAK_STALE_S = 60.0
 _SLURM_DEAD = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                "PREEMPTED", "TIMEOUT", "SPECIAL_EXIT"}  # fmt: skip
 
@@ -55,8 +62,10 @@ class Owner:
     host: str = ""
     pid: int = 0
     start: str = ""  # process start time in clock ticks since boot (Linux), "" elsewhere
+    machine: str = ""  # boot id and pid namespace: pids compare only within one
     slurm_job: str = ""
     slurm_restart: int = 0
+    slurm_cluster: str = ""
     since: str = ""
 
     def describe(self) -> str:
@@ -76,6 +85,14 @@ def _proc_start(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
+def _machine() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 def _slurm_job() -> tuple[str, int]:
     env = os.environ
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
@@ -92,27 +109,51 @@ def me(token: str | None = None) -> Owner:
         host=socket.gethostname(),
         pid=os.getpid(),
         start=_proc_start(os.getpid()),
+        machine=_machine(),
         slurm_job=job,
         slurm_restart=restart,
+        slurm_cluster=os.environ.get("SLURM_CLUSTER_NAME", "") if job else "",
         since=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 
+_OWNER = TypeAdapter(Owner)
+
+
 def read_owner(run_dir: Path) -> Owner | None:
-    """The owner named in run_dir/owner.json; an unreadable file (a crash mid-write on a filesystem
-    without hard links) gives an owner known only by its heartbeat."""
+    """The owner named in run_dir/owner.json; a file that does not parse as one (a crash mid-write
+    on a filesystem without hard links, a hand edit) gives an owner known only by its heartbeat."""
     p = Path(run_dir) / OWNER_FILE
     try:
         raw = json.loads(p.read_bytes())
-        return Owner(**{k: raw[k] for k in Owner.__dataclass_fields__ if k in raw})
+        return _OWNER.validate_python(raw)
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, RecursionError, ValidationError):
         return Owner(token="")
 
 
-def _slurm_state(job: str) -> str | None:
-    """The job's state in squeue, "" when squeue no longer knows it, None when squeue cannot say."""
+@functools.cache
+def _local_cluster() -> str:
+    """The Slurm cluster this machine's `squeue` talks to ("" when unknown)."""
+    if os.environ.get("SLURM_CLUSTER_NAME"):
+        return os.environ["SLURM_CLUSTER_NAME"]
+    try:
+        r = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    for line in r.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ClusterName":
+            return value.strip()
+    return ""
+
+
+def _slurm_state(job: str, cluster: str = "") -> str | None:
+    """The job's state in squeue, "" when squeue no longer knows it, None when squeue cannot say
+    (no squeue, no controller, or the job belongs to another cluster sharing this filesystem)."""
+    if cluster and cluster != _local_cluster():
+        return None
     try:
         r = subprocess.run(
             ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30
@@ -143,9 +184,9 @@ def _fs_age(path: Path) -> float | None:
 
 
 def dead_because(owner: Owner, run_dir: Path, stale_s: float) -> str:
-    """Why `owner` is dead, or "" when it is (as far as can be told) alive."""
+    """Why `owner` is dead, or "" when it is (as far as can be told) alive (module docstring)."""
     here = me(token="")
-    if owner.host and owner.host == here.host and owner.pid:
+    if owner.host == here.host and owner.machine and owner.machine == here.machine and owner.pid:
         try:
             os.kill(owner.pid, 0)
         except ProcessLookupError:
@@ -155,12 +196,15 @@ def dead_because(owner: Owner, run_dir: Path, stale_s: float) -> str:
         start = _proc_start(owner.pid)
         if owner.start and start and start != owner.start:
             return f"process {owner.pid} on {owner.host} is gone (the pid now belongs to another process)"
+        return ""
     if owner.slurm_job:
         if owner.slurm_job == here.slurm_job and owner.slurm_restart < here.slurm_restart:
             return f"Slurm requeued job {owner.slurm_job}; this attempt replaces the earlier one"
-        state = _slurm_state(owner.slurm_job)
+        state = _slurm_state(owner.slurm_job, owner.slurm_cluster)
         if state == "" or (state and state.upper() in _SLURM_DEAD):
             return f"Slurm job {owner.slurm_job} is {state.lower() or 'no longer in squeue'}"
+        if state:  # pending, running, suspended, completing: the job vouches for its process
+            return ""
     age = _fs_age(Path(run_dir) / OWNER_FILE)
     if age is not None and age > stale_s:
         return f"no heartbeat for {age:.0f} s (train.owner_stale_s={stale_s:g})"
@@ -178,7 +222,7 @@ def _link_create(path: Path, text: str) -> bool:
         os.link(tmp, path)
         return True
     except FileExistsError:
-        return False
+        return os.stat(tmp).st_nlink == 2  # NFS retried a link that had succeeded: EEXIST from our own
     except OSError as e:
         if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):  # no hard links here
             try:
@@ -188,7 +232,9 @@ def _link_create(path: Path, text: str) -> bool:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             return True
-        return os.stat(tmp).st_nlink == 2  # NFS retried a link that had succeeded
+        if os.stat(tmp).st_nlink == 2:  # the reply was lost, the link was made
+            return True
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -214,16 +260,17 @@ class RunLock:
         waited = False
         while True:
             if _link_create(self.path, text):
-                self._thread = threading.Thread(target=self._beat, name="run-owner-heartbeat", daemon=True)
-                self._thread.start()
-                return True
+                return self._owned()
             other = read_owner(self.run_dir)
             if other is None:
-                continue  # released between our attempt and our read
+                time.sleep(0.05)  # released between our attempt and our read
+                continue
+            if other.token == self.owner.token:  # ours after all (a link reply lost in transit)
+                return self._owned()
             why = dead_because(other, self.run_dir, self.stale_s)
             if why:
                 log.warning("%s: taking over from %s: %s", self.run_dir, other.describe(), why)
-                self._break(other)
+                self._remove_if(other.token)
                 continue
             msg = f"{self.run_dir} is being trained by {other.describe()}"
             if if_busy == "fail":
@@ -236,46 +283,97 @@ class RunLock:
                 waited = True
             time.sleep(poll_s)
 
-    def _break(self, dead: Owner) -> None:
+    def _owned(self) -> bool:
+        self._thread = threading.Thread(target=self._beat, name="run-owner-heartbeat", daemon=True)
+        self._thread.start()
+        return True
+
+    def _remove_if(self, token: str, tries: int = 50) -> bool:
+        """Removes owner.json if it still names `token`, under the break lock. False when the
+        break lock stayed busy."""
         brk = self.path.with_name(OWNER_FILE + ".break")
-        if not _link_create(brk, self.owner.token):
-            age = _fs_age(brk)
-            if age is not None and age > BREAK_STALE_S:
-                brk.unlink(missing_ok=True)
+        for _ in range(tries):
+            if _link_create(brk, self.owner.token):
+                break
+            self._clear_stale_break(brk)
             time.sleep(0.1)
-            return
+        else:
+            return False
         try:
             cur = read_owner(self.run_dir)
-            if cur is not None and cur.token == dead.token:
+            if cur is not None and cur.token == token:
                 self.path.unlink(missing_ok=True)
         finally:
-            brk.unlink(missing_ok=True)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            cur = read_owner(self.run_dir)
-            if cur is None or cur.token != self.owner.token:
-                self.lost = f"{cur.describe()} took it over" if cur is not None else "owner.json was removed"
-                log.error("%s: this process no longer owns the run: %s", self.run_dir, self.lost)
-                return
             try:
-                os.utime(self.path)
+                if brk.read_text() == self.owner.token:
+                    brk.unlink()
             except FileNotFoundError:
                 pass
+        return True
+
+    def _clear_stale_break(self, brk: Path) -> None:
+        """A break lock is held for milliseconds; one older than BREAK_STALE_S was left by a crash.
+        It is renamed aside first, so of two processes that both find it stale only one removes it,
+        and a fresh lock renamed by mistake is put back."""
+        age = _fs_age(brk)
+        if age is None or age <= BREAK_STALE_S:
+            return
+        aside = brk.with_name(f".{brk.name}.{uuid.uuid4().hex}")
+        try:
+            os.rename(brk, aside)
+        except FileNotFoundError:
+            return
+        try:
+            fresh = _fs_age(aside)
+            if fresh is not None and fresh <= BREAK_STALE_S:
+                try:
+                    os.link(aside, brk)
+                except FileExistsError:
+                    pass
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        try:
+            while not self._stop.wait(self.heartbeat_s):
+                try:
+                    cur = read_owner(self.run_dir)
+                    if cur is None or cur.token != self.owner.token:
+                        self.lost = (
+                            f"{cur.describe()} took it over" if cur is not None else "owner.json was removed"
+                        )
+                        log.error("%s: this process no longer owns the run: %s", self.run_dir, self.lost)
+                        return
+                    os.utime(self.path)
+                except OSError as e:  # a filesystem hiccup: try again at the next beat
+                    log.warning("%s: heartbeat failed (%s); retrying", self.run_dir, e)
+        except BaseException as e:
+            self.lost = f"the heartbeat stopped ({type(e).__name__}: {e})"
+            raise
 
     def check(self) -> None:
-        """Raises `OwnershipLost` once another process owns the run; call before every write."""
+        """Raises `OwnershipLost` once the heartbeat found another owner (or stopped); cheap enough
+        for every step."""
+        if not self.lost and self._thread is not None and not self._thread.is_alive():
+            self.lost = "the heartbeat stopped"
         if self.lost:
             raise OwnershipLost(f"{self.run_dir}: {self.lost}; this process stops without writing")
+
+    def verify(self) -> None:
+        """`check`, plus a read of owner.json itself; call before publishing a checkpoint or a summary."""
+        self.check()
+        cur = read_owner(self.run_dir)
+        if cur is None or cur.token != self.owner.token:
+            self.lost = f"{cur.describe()} took it over" if cur is not None else "owner.json was removed"
+            self.check()
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        cur = read_owner(self.run_dir)
-        if cur is not None and cur.token == self.owner.token:
-            self.path.unlink(missing_ok=True)
+        if not self.lost:
+            self._remove_if(self.owner.token)
 
     def __enter__(self) -> RunLock:
         self.acquire()

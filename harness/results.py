@@ -225,9 +225,11 @@ def _read_run(d: Path, root: Path) -> dict[str, Any]:
     problems += [("config.yaml", w) for w in bad]
 
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    # labels only: a malformed one has already made the run corrupt, and must not break sorting
+    family, name = (str(v) if v is not None else None for v in (model.get("family"), model.get("name")))
     row.update(
-        family=model.get("family"),
-        arch=model.get("name") or model.get("family"),
+        family=family,
+        arch=name or family,
         d_model=model.get("d_model"),
         n_layers=model.get("n_layers"),
         seq_len=model.get("seq_len"),
@@ -351,7 +353,9 @@ def curves(path: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
         except OSError:
             continue
         if recs:
-            f = pd.DataFrame(recs)
+            # a record's own keys never shadow the run's identity columns inserted below
+            f = pd.DataFrame([{k: v for k, v in rec.items() if k not in ("sweep", "run", "family", "arch")}
+                              for rec in recs])  # fmt: skip
             f.insert(0, "sweep", r.sweep)
             f.insert(1, "run", r.run)
             f.insert(2, "family", r.family)

@@ -91,8 +91,8 @@ def _summary_json(run_dir: Path) -> dict[str, Any] | None:
         raw = json.loads(p.read_bytes())
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFileError(f"{p}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints, deep nesting
+        raise RunFileError(f"{p}: not valid JSON ({e})"[:500]) from e
     if not isinstance(raw, dict):
         raise RunFileError(f"{p}: expected a JSON object, found {type(raw).__name__}")
     try:
@@ -117,6 +117,15 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def is_final(summary: dict[str, Any] | None) -> bool:
+    """A run to leave alone: completed, or failed by diverging, a result that training again from
+    its last checkpoint would only repeat."""
+    if not summary:
+        return False
+    status, reason = summary.get("status"), str(summary.get("reason") or "")
+    return status == "completed" or (status == "failed" and reason.startswith("diverged"))
+
+
 def parse_metrics(text: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """(records, [(line number, why)] of the lines skipped). A line is kept only when it parses as
     a `MetricsRecord`; blank lines are ignored."""
@@ -135,6 +144,8 @@ def parse_metrics(text: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
             bad.append((i, str(e)))
         except ValidationError as e:
             bad.append((i, _first_error(e)))
+        except (ValueError, RecursionError) as e:  # integers past Python's digit limit, deep nesting
+            bad.append((i, f"not valid JSON ({type(e).__name__})"))
         else:
             recs.append({**raw, **rec.model_dump(exclude_unset=True)})
     return recs, bad
@@ -181,8 +192,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(run_dir: Path, model, opt, step: int, state: dict[str, Any], keep: int = 1) -> None:
     """Writes ckpt/step_<step>/ atomically, then removes all but the newest `keep` checkpoints."""
     ckpt = Path(run_dir) / "ckpt"
-    tmp = ckpt / f".tmp_step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in ckpt.glob(".tmp_step_*"):  # left by a killed attempt; the caller owns the run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = ckpt / f".tmp_step_{step:08d}.{os.getpid()}"
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
     rng = {"torch_rng": torch.get_rng_state()}
@@ -198,6 +210,15 @@ def save_checkpoint(run_dir: Path, model, opt, step: int, state: dict[str, Any],
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _transient(e: BaseException) -> bool:
+    """An I/O or device failure, as opposed to a file that does not hold a checkpoint. Corrupt
+    files raise all sorts (IndexError from a truncated state.pt, SafetensorError, KeyError...), so
+    the transient kinds are the ones named."""
+    if isinstance(e, OSError):
+        return not isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e)
+
+
 def load_checkpoint(path: Path, model, opt) -> dict[str, Any]:
     """Restores model, optimizer and RNG state; `CheckpointError` names the file that failed."""
     path = Path(path)
@@ -208,6 +229,8 @@ def load_checkpoint(path: Path, model, opt) -> dict[str, Any]:
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
     except Exception as e:
+        if _transient(e):  # the checkpoint may be fine: never let skip-broken set it aside for this
+            raise
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}"[:800]) from e
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -8,6 +8,7 @@ it; a completed run is skipped. Everything is written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from harness.owner import OwnershipLost, RunLock, read_owner
 from harness.rundir import (
     CheckpointError,
     checkpoints,
+    is_final,
     load_checkpoint,
     read_metrics,
     read_summary,
@@ -115,49 +117,92 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
             for k, v in cfg.items()}  # fmt: skip
 
 
+def _default(section: Any, name: str) -> Any:
+    for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
+        if f.name == name:
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return None
+
+
+def config_differences(stored: dict[str, Any], run: RunConfig) -> list[str]:
+    """What differs between a run directory's config.yaml and `run`, execution-only fields aside. A
+    field the stored config lacks (added to the schema since) counts as its default, so runs
+    started by an older version still resume."""
+    a, b = _identity(stored), _identity(run_config_dict(run))
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            section = getattr(run, k, None)
+            for f in sorted(set(x) | set(y)):
+                old = x[f] if f in x else _default(section, f)
+                if old != y.get(f):
+                    out.append(f"{k}.{f}: {old!r} -> {y.get(f)!r}")
+        elif x != y:
+            out.append(f"{k}: {x!r} -> {y!r}")
+    return out
+
+
 # ---------------------------------------------------------------- the loop
 
 
 class Divergence:
-    """The divergence rules beside non-finite losses (TrainConfig): a train-loss spike held for
-    `spike_steps` steps, and a validation loss after warmup worse than uniform guessing."""
+    """The divergence rules beside non-finite losses (TrainConfig).
+
+    - Spike: the train loss above `spike_factor` x the running minimum of its moving average
+      (EMA_BETA), for `spike_steps` steps in a row. The minimum is taken of the average, not of
+      single batches, so one easy batch cannot set a floor ordinary ones then exceed.
+    - Uniform: the final validation loss worse than guessing uniformly, ln(vocab), or any
+      validation loss after warmup worse than twice that. An untrained model sits near ln(vocab),
+      so a slow but sound run can be just above it mid-run; past 2 ln(vocab) it has blown up.
+    """
+
+    EMA_BETA = 0.9
 
     def __init__(self, run: RunConfig, state: dict[str, Any] | None = None):
         t = run.train
         self.factor, self.steps, self.uniform = t.spike_factor, t.spike_steps, t.fail_above_uniform
         self.ln_vocab = math.log(run.model.vocab_size)
-        self.warmup = int(run.optim.warmup_frac * run.steps)
+        self.warmup, self.last_step = int(run.optim.warmup_frac * run.steps), run.steps
         state = state or {}
-        self.loss_min = state.get("loss_min", math.inf)
+        self.ema = state.get("loss_ema", math.nan)
+        self.ema_min = state.get("loss_ema_min", math.inf)
         self.spikes = state.get("spikes", 0)
 
     def state(self) -> dict[str, Any]:
-        return {"loss_min": self.loss_min, "spikes": self.spikes}
+        return {"loss_ema": self.ema, "loss_ema_min": self.ema_min, "spikes": self.spikes}
 
     def train_loss(self, loss: float, step: int) -> str:
         """The reason the run diverged at this step, or ""."""
         if not math.isfinite(loss):
             return f"diverged: non-finite loss at step {step}"
-        if self.factor and loss > self.factor * self.loss_min:
+        if self.factor and loss > self.factor * self.ema_min:
             self.spikes += 1
             if self.spikes >= self.steps:
                 return (
-                    f"diverged: train loss {loss:.4g} at step {step} has stayed above {self.factor:g} x its "
-                    f"running minimum {self.loss_min:.4g} for {self.spikes} steps "
+                    f"diverged: train loss {loss:.4g} at step {step} has stayed above {self.factor:g} x the "
+                    f"running minimum {self.ema_min:.4g} of its moving average for {self.spikes} steps "
                     "(train.spike_factor, train.spike_steps)"
                 )
         else:
             self.spikes = 0
-        self.loss_min = min(self.loss_min, loss)
+        self.ema = loss if math.isnan(self.ema) else self.EMA_BETA * self.ema + (1 - self.EMA_BETA) * loss
+        self.ema_min = min(self.ema_min, self.ema)
         return ""
 
     def val_loss(self, loss: float, step: int) -> str:
         if not math.isfinite(loss):
             return f"diverged: non-finite validation loss at step {step}"
-        if self.uniform and step > self.warmup and loss > self.ln_vocab:
+        if not self.uniform or step <= self.warmup:
+            return ""
+        final = step >= self.last_step
+        bound = self.ln_vocab if final else 2 * self.ln_vocab
+        if loss > bound:
+            n = f"{math.exp(self.ln_vocab):.0f}"
+            what = f"ln({n}) = {bound:.4g}" if final else f"2 ln({n}) = {bound:.4g}"
             return (
-                f"diverged: validation loss {loss:.4g} at step {step} is worse than guessing uniformly, "
-                f"ln({math.exp(self.ln_vocab):.0f}) = {self.ln_vocab:.4g} (train.fail_above_uniform)"
+                f"diverged: {'final ' if final else ''}validation loss {loss:.4g} at step {step} is above "
+                f"{'' if final else 'twice '}the loss of guessing uniformly, {what} (train.fail_above_uniform)"
             )
         return ""
 
@@ -192,6 +237,19 @@ def restore(run: RunConfig, run_dir: Path, device: torch.device):
     return model, opt, None
 
 
+def _log_final(run_dir: Path, summary: dict[str, Any], when: str) -> None:
+    if summary["status"] == "completed":
+        val = summary.get("final_val_loss") or math.nan
+        log.info("%s %s completed (val loss %.4g); skipping", run_dir, when, val)
+    else:
+        log.warning(
+            "%s %s %s; skipping (delete the run directory to train it again)",
+            run_dir,
+            when,
+            summary["reason"],
+        )
+
+
 def _fail(summary: dict[str, Any], e: BaseException, step: int) -> None:
     summary.update(status="failed", reason=f"{type(e).__name__}: {e}"[:800], steps_done=step)
 
@@ -203,10 +261,8 @@ def train(run: RunConfig) -> dict[str, Any]:
     makes this call fail, skip or wait (train.if_busy); skipping returns {"status": "busy", ...}."""
     run_dir = run.run_dir
     prev = read_summary(run_dir)
-    if prev and prev.get("status") == "completed":
-        log.info(
-            "%s already completed (val loss %.4f); skipping", run_dir, prev.get("final_val_loss") or math.nan
-        )
+    if is_final(prev):
+        _log_final(run_dir, prev, "already")
         return prev
 
     if run.train.threads:
@@ -231,14 +287,20 @@ def train(run: RunConfig) -> dict[str, Any]:
 
 def _train_owned(run: RunConfig, data, device: torch.device, lock: RunLock) -> dict[str, Any]:
     run_dir = run.run_dir
-    prev = read_summary(run_dir)  # again: it may have completed while this process waited
-    if prev and prev.get("status") == "completed":
-        log.info("%s completed while waiting; skipping", run_dir)
+    prev = read_summary(run_dir)  # again: it may have ended while this process waited
+    if is_final(prev):
+        _log_final(run_dir, prev, "while this process waited:")
         return prev
     cfg_dict = run_config_dict(run)
     cfg_path = run_dir / "config.yaml"
-    if cfg_path.exists() and _identity(yaml.safe_load(cfg_path.read_text()) or {}) != _identity(cfg_dict):
-        raise ValueError(f"{run_dir} holds a run with a different config; use another sweep or run_name")
+    stored = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    if not isinstance(stored, dict):
+        stored = {"config.yaml": f"not a mapping ({type(stored).__name__})"}
+    diff = config_differences(stored, run) if cfg_path.exists() else []
+    if diff:
+        raise ValueError(
+            f"{run_dir} holds a run with a different config ({'; '.join(diff)[:500]}); use another sweep or run_name"
+        )
     atomic_write_text(cfg_path, yaml.safe_dump(cfg_dict, sort_keys=True))
 
     counts = flops.count(run.model, run.model.seq_len)
@@ -267,7 +329,7 @@ def _train_owned(run: RunConfig, data, device: torch.device, lock: RunLock) -> d
     }
 
     def write_summary() -> None:
-        lock.check()
+        lock.verify()
         atomic_write_json(run_dir / "summary.json", summary)
 
     write_summary()
@@ -286,8 +348,10 @@ def _train_owned(run: RunConfig, data, device: torch.device, lock: RunLock) -> d
         raise
     except BaseException as e:
         _fail(summary, e, summary.get("steps_done", step))
-        if not lock.lost:
-            atomic_write_json(run_dir / "summary.json", summary)
+        try:
+            write_summary()
+        except OwnershipLost:
+            log.error("%s: not recording the failure: %s", run_dir, lock.lost)
         raise
     finally:
         if metrics_f is not None:
@@ -304,6 +368,10 @@ def _loop(run, data, device, lock, summary, model, opt, st, metrics_f, counts) -
         (st["step"], st["wall_s"], st["loss_acc"], st["loss_n"]) if st else (0, 0.0, 0.0, 0)
     )
     div = Divergence(run, st)
+    # a run stopped right after its final checkpoint resumes at its last step with nothing to do
+    last_val, last_train = (
+        (st.get("last_val", math.nan), st.get("last_train", math.nan)) if st else (math.nan,) * 2
+    )
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     )
@@ -318,7 +386,6 @@ def _loop(run, data, device, lock, summary, model, opt, st, metrics_f, counts) -
         dynamic_ncols=True,
         desc=f"{run.model.name} {run.sweep}/{run.run_name}"[:48],
     )
-    last_val = last_train = math.nan
     try:
         while step < steps:
             lock.check()
@@ -381,13 +448,20 @@ def _loop(run, data, device, lock, summary, model, opt, st, metrics_f, counts) -
                     break
             stop_now = run.train.stop_after_steps and step - start_step >= run.train.stop_after_steps
             if step == steps or stop_now or (run.train.ckpt_every and step % run.train.ckpt_every == 0):
-                lock.check()
+                lock.verify()
                 save_checkpoint(
                     run_dir,
                     model,
                     opt,
                     step,
-                    {"wall_s": wall, "loss_acc": loss_acc, "loss_n": loss_n, **div.state()},
+                    {
+                        "wall_s": wall,
+                        "loss_acc": loss_acc,
+                        "loss_n": loss_n,
+                        "last_val": last_val,
+                        "last_train": last_train,
+                        **div.state(),
+                    },  # fmt: skip
                     keep=run.train.keep_checkpoints,
                 )
             if stop_now and step < steps:

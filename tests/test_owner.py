@@ -130,3 +130,50 @@ def test_unreadable_owner_file_is_judged_by_its_age(tmp_path):
     lock = RunLock(run_dir)
     assert lock.acquire("fail")
     lock.release()
+
+
+def test_a_lost_owner_is_caught_before_the_next_write_without_waiting_for_a_beat(tmp_path):
+    lock = RunLock(tmp_path / "r", heartbeat_s=3600)
+    lock.acquire()
+    try:
+        _write_owner(tmp_path / "r", replace(own.me(), host="elsewhere"))
+        lock.check()  # the heartbeat has not looked yet
+        with pytest.raises(OwnershipLost, match="took it over"):
+            lock.verify()
+    finally:
+        lock.release()
+    assert read_owner(tmp_path / "r").host == "elsewhere"
+
+
+def test_a_live_process_on_this_machine_is_alive_whatever_its_heartbeat(tmp_path):
+    here = own.me()
+    _write_owner(tmp_path / "r", here, age_s=3600)
+    assert dead_because(here, tmp_path / "r", stale_s=600) == ""
+
+
+def test_owner_file_with_wrong_types_is_judged_by_its_age_not_a_crash(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / own.OWNER_FILE).write_text(json.dumps({"token": "t", "pid": "not a pid", "host": ["x"]}))
+    assert read_owner(run_dir) == Owner(token="")
+    assert dead_because(read_owner(run_dir), run_dir, stale_s=600) == ""  # fresh: presumed alive
+    with pytest.raises(RunBusy):
+        RunLock(run_dir).acquire("fail")
+
+
+def test_stale_break_lock_is_cleared_and_a_fresh_one_respected(tmp_path):
+    run_dir = tmp_path / "r"
+    dead = replace(own.me(), pid=_dead_pid(), start="")
+    _write_owner(run_dir, dead)
+    brk = run_dir / (own.OWNER_FILE + ".break")
+    brk.write_text("crashed-breaker")
+    t = time.time() - 3600
+    os.utime(brk, (t, t))
+    lock = RunLock(run_dir)
+    assert lock.acquire("fail")  # the stale break lock did not block the takeover
+    lock.release()
+    assert not brk.exists()
+    _write_owner(run_dir, dead)
+    brk.write_text("live-breaker")  # fresh: someone is taking over right now
+    assert RunLock(run_dir)._remove_if(dead.token, tries=3) is False
+    assert brk.read_text() == "live-breaker" and (run_dir / own.OWNER_FILE).exists()

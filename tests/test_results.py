@@ -208,3 +208,33 @@ def test_tables_save_as_parquet_and_csv(sweep, tmp_path):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="results directory not found"):
         collect(tmp_path / "nope")
+
+
+def test_hostile_values_in_parseable_files_do_not_stop_collect_or_curves(sweep, tmp_path):
+    """Numbers past Python's digit limit, deep nesting, a record naming its own run, labels that are
+    not strings: each run is still one row, and the tables still sort and save."""
+    good = next(p for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    root = tmp_path / "s"
+    huge = _copy_run(good, root / "huge")
+    (huge / "summary.json").write_text('{"status": "completed", "steps": ' + "9" * 5000 + "}")
+    deep = _copy_run(good, root / "deep")
+    lines = (deep / "metrics.jsonl").read_text().splitlines()
+    (deep / "metrics.jsonl").write_text(
+        "\n".join([lines[0], "[" * 100_000, '{"step": ' + "9" * 5000 + "}"] + lines[1:]) + "\n"
+    )
+    shadow = _copy_run(good, root / "shadow")
+    rec = json.loads((shadow / "metrics.jsonl").read_text().splitlines()[0])
+    (shadow / "metrics.jsonl").write_text(json.dumps({**rec, "run": "other", "arch": 7}) + "\n")
+    _edit_config(lambda c: c["model"].update(name=[1, 2]))(_copy_run(good, root / "listname"))
+    _edit_config(lambda c: c["model"].update(name=7))(_copy_run(good, root / "intname"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = collect(root).set_index("run")
+        c = curves(root, df.reset_index())
+    assert (
+        df.loc["huge", "status"] == "corrupt" and "summary.json: not valid JSON" in df.loc["huge", "reason"]
+    )
+    assert df.loc["deep", "status"] == "completed" and df.loc["deep", "metrics_skipped"] == 2
+    assert set(c[c.run == "shadow"].arch) == {df.loc["shadow", "arch"]}
+    assert all(isinstance(a, str) for a in df.arch)
+    save_table(df.reset_index(), tmp_path / "t")  # parquet needs one type per column

@@ -165,7 +165,7 @@ LAUNCH = ["model=llama_tiny", "sweep=p6", "run_name=c6", "train.batch_size=4", "
           "train.eval_batches=2", "train.log_every=1", "train.progress=false", "train.threads=1"]  # fmt: skip
 
 
-def _launch(results, *extra):
+def _launch(results, *extra, log=None):
     cmd = [
         sys.executable,
         "-c",
@@ -174,42 +174,46 @@ def _launch(results, *extra):
         f"results_dir={results}",
         *extra,
     ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(cond, proc, what, timeout=120):
     deadline = time.time() + timeout
     while not cond():
-        assert proc.poll() is None, f"exited before {what}: {proc.communicate()[0][-2000:]}"
+        assert proc.poll() is None, f"exited before {what}"
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
 
 def test_concurrent_launches_of_one_run_leave_one_complete_run(tmp_path):
+    """The owner is frozen (SIGSTOP) while two more launches try, so no timing decides the outcome."""
     results = tmp_path / "results"
     run_dir = results / "p6" / "c6"
-    budget = ["train.tokens=76800", "train.ckpt_every=1"]  # 300 steps, a checkpoint at each
+    budget = ["train.tokens=20480", "train.ckpt_every=1"]  # 80 steps, a checkpoint at each
     first = _launch(results, *budget)
     others = []
     try:
         _wait_for(lambda: list(run_dir.glob("ckpt/step_*")), first, "the first checkpoint")
-        others = [_launch(results, *budget), _launch(results, *budget, "train.if_busy=wait")]
-        refused, waiter = others
+        os.kill(first.pid, signal.SIGSTOP)
+        refused = _launch(results, *budget)
+        waiter = _launch(results, *budget, "train.if_busy=wait", log=tmp_path / "waiter.log")
+        others = [refused, waiter]
         out = refused.communicate(timeout=120)[0]
-        assert first.poll() is None, "the first launch ended before the second one tried"
         assert refused.returncode != 0 and f"is being trained by pid {first.pid}" in out, out[-2000:]
+        _wait_for(lambda: "waiting for it" in (tmp_path / "waiter.log").read_text(), waiter, "the waiter")
+        os.kill(first.pid, signal.SIGCONT)
         assert first.wait(timeout=300) == 0
-        out = waiter.communicate(timeout=120)[0]
-        assert waiter.returncode == 0 and "waiting for it" in out and "completed while waiting" in out, out[
-            -2000:
-        ]
+        assert waiter.wait(timeout=120) == 0
+        assert "while this process waited: completed" in (tmp_path / "waiter.log").read_text()
     finally:
         for p in (first, *others):
             if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
                 p.kill()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps_done"] == 300
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 301))  # every step once
+    assert summary["status"] == "completed" and summary["steps_done"] == 80
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 81))  # every step once
     assert not (run_dir / "owner.json").exists()
 
 
@@ -220,18 +224,26 @@ def test_killed_run_is_taken_over_and_resumes_bit_identically(tmp_path):
     results = tmp_path / "b"
     run_dir = results / "p6" / "c6"
     victim = _launch(results, *budget)
+
+    def logged() -> int:
+        p = run_dir / "metrics.jsonl"
+        return len(p.read_text().splitlines()) if p.exists() else 0
+
     try:
-        _wait_for(lambda: list(run_dir.glob("ckpt/step_*0002[1-9]")), victim, "a checkpoint past step 20")
+        _wait_for(lambda: logged() >= 24, victim, "24 logged steps")  # past the checkpoint at step 21
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(timeout=30)
     finally:
         if victim.poll() is None:
             victim.kill()
+    assert logged() < 60, "the run finished before it was killed"
     assert json.loads((run_dir / "owner.json").read_text())["pid"] == victim.pid  # left behind by kill -9
     heir = _launch(results, *budget)
     out = heir.communicate(timeout=300)[0]
     assert heir.returncode == 0, out[-2000:]
-    assert f"process {victim.pid} on" in out and "is gone" in out and "resuming" in out
+    assert f"process {victim.pid} on" in out and "is gone" in out
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "resuming" in line]
+    assert resumed and resumed[0] >= 21
     a, b = read_metrics(tmp_path / "a" / "p6" / "c6"), read_metrics(run_dir)
     assert [r["step"] for r in b] == list(range(1, 61))
     for key in ("train_loss", "val_loss", "lr", "flops_train"):
@@ -249,7 +261,7 @@ def test_finite_blow_up_ends_failed_and_is_excluded(results_dir, rule, extra):
 
     summary = train(run_cfg(results_dir, "train.tokens=25600", "optim.lr=10", *extra))
     assert summary["status"] == "failed" and summary["reason"].startswith("diverged:")
-    assert ("running minimum" if rule == "spike" else "worse than guessing uniformly") in summary["reason"]
+    assert ("running minimum" if rule == "spike" else "the loss of guessing uniformly") in summary["reason"]
     kept, excluded = split_usable(collect(results_dir))
     assert kept.empty and "diverged" in excluded["why"].iloc[0]
 
@@ -282,3 +294,56 @@ def test_broken_checkpoint_is_named_and_skipped_on_request(results_dir, tmp_path
     assert [r["step"] for r in b] == list(range(1, 31))
     for key in ("train_loss", "val_loss"):
         assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def test_divergence_rules_spare_a_slow_start_and_an_easy_batch():
+    from harness.train import Divergence
+
+    run = compose([*FAST, "train.tokens=25600"])  # 100 steps, warmup 5; ln 256 = 5.545
+    d = Divergence(run)
+    assert d.val_loss(5.6, step=50) == ""  # just above uniform mid-run: slow, not blown up
+    assert "twice the loss of guessing uniformly" in d.val_loss(11.2, step=50)
+    assert "final validation loss 5.6" in d.val_loss(5.6, step=100)
+    assert d.val_loss(20.0, step=3) == ""  # still warming up
+    losses = [5.5] * 20 + [0.5] + [2.0] * 30  # one easy batch must not set the floor
+    assert all(d.train_loss(x, i) == "" for i, x in enumerate(losses, 1))
+    assert all(d.train_loss(30.0, 51 + i) == "" for i in range(9))
+    assert "for 10 steps" in d.train_loss(30.0, 60)
+
+
+def test_diverged_run_is_final_and_not_trained_again(results_dir):
+    cfg = ("train.tokens=25600", "optim.lr=10", "train.fail_above_uniform=false")
+    first = train(run_cfg(results_dir, *cfg))
+    assert first["status"] == "failed" and first["reason"].startswith("diverged")
+    mtime = (run_cfg(results_dir, *cfg).run_dir / "metrics.jsonl").stat().st_mtime_ns
+    assert train(run_cfg(results_dir, *cfg)) == first
+    assert (run_cfg(results_dir, *cfg).run_dir / "metrics.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_run_started_before_a_config_field_existed_still_resumes(results_dir):
+    import yaml
+
+    run = run_cfg(results_dir, "train.tokens=2560", "run_name=old", "train.stop_after_steps=2")
+    train(run)
+    stored = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    del stored["data"]["decode"]  # written by a version without the field
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+    with pytest.raises(ValueError, match=r"different config \(data.decode: 'strict' -> 'replace'\)"):
+        train(run_cfg(results_dir, "train.tokens=2560", "run_name=old", "data.decode=replace"))
+    assert train(run_cfg(results_dir, "train.tokens=2560", "run_name=old"))["status"] == "completed"
+
+
+def test_an_io_error_while_loading_is_not_mistaken_for_a_broken_checkpoint(results_dir, monkeypatch):
+    import harness.rundir
+
+    base = ["train.tokens=7680", "train.ckpt_every=5"]
+    run = run_cfg(results_dir, *base, "train.stop_after_steps=13")
+    train(run)
+
+    def flaky(*a, **k):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(harness.rundir, "load_model", flaky)
+    with pytest.raises(OSError, match="Input/output error"):
+        train(run_cfg(results_dir, *base, "train.resume=skip-broken"))
+    assert [p.name for p in (run.run_dir / "ckpt").iterdir()] == ["step_00000013"]  # not set aside

@@ -137,9 +137,9 @@ class HarnessSweeper(BasicSweeper):
         self.sweeps_dir = sweeps_dir
 
     def sweep(self, arguments: list[str]) -> Any:
-        from harness.config import to_run_config
+        from harness.config import check_sweep_name, to_run_config
         from harness.owner import live_owner
-        from harness.rundir import read_summary
+        from harness.rundir import is_final, read_summary
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         check_slurm_options(self.config.hydra.launcher)
@@ -148,6 +148,10 @@ class HarnessSweeper(BasicSweeper):
         points = BasicSweeper.split_arguments(parsed, None)[0]
 
         sweep_name = str(self.config.get("sweep", "default"))
+        try:
+            check_sweep_name(sweep_name)  # before it names a file to read
+        except ValueError as e:
+            raise HydraException(str(e)) from e
         sweep_file = Path(self.sweeps_dir) / f"{sweep_name}.yaml"
         runs = load_sweep_file(sweep_file, sweep_name) if sweep_file.exists() else [[]]
         if sweep_file.exists():
@@ -166,12 +170,13 @@ class HarnessSweeper(BasicSweeper):
                     raise HydraException(f"two sweep jobs share the run directory {rc.run_dir}")
                 seen.add(rc.run_dir)
                 summary = read_summary(rc.run_dir)
-                if summary and summary.get("status") == "completed":
-                    log.info("skipping completed run %s", rc.run_dir)
+                if is_final(summary):
+                    log.info("skipping %s run %s", "completed" if summary["status"] == "completed"
+                             else "diverged", rc.run_dir)  # fmt: skip
                     done += 1
                     continue
                 owner = live_owner(rc.run_dir, rc.train.owner_stale_s)
-                if owner is not None:  # a job of an earlier launch still runs (or waits) for it
+                if owner is not None:  # a job of an earlier launch still trains it
                     log.warning("skipping %s: it is being trained by %s", rc.run_dir, owner.describe())
                     busy += 1
                     continue
@@ -182,7 +187,7 @@ class HarnessSweeper(BasicSweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         if busy:
             log.warning("%d run(s) live elsewhere skipped; relaunch once they end", busy)
-        log.info("launching %d job(s) (%d already completed)", len(jobs), done)
+        log.info("launching %d job(s) (%d already completed or diverged)", len(jobs), done)
         returns = []
         n = self.max_batch_size or max(1, len(jobs))
         for start in range(0, len(jobs), n):
