@@ -347,3 +347,19 @@ def test_an_io_error_while_loading_is_not_mistaken_for_a_broken_checkpoint(resul
     with pytest.raises(OSError, match="Input/output error"):
         train(run_cfg(results_dir, *base, "train.resume=skip-broken"))
     assert [p.name for p in (run.run_dir / "ckpt").iterdir()] == ["step_00000013"]  # not set aside
+
+
+def test_run_killed_after_its_final_checkpoint_completes_with_its_real_losses(results_dir):
+    run = run_cfg(results_dir, "train.tokens=2560")
+    done = train(run)
+    s = json.loads((run.run_dir / "summary.json").read_text())
+    s.update(status="running")  # as if killed between the final checkpoint and the final summary
+    for k in ("final_val_loss", "final_train_loss"):
+        s.pop(k)
+    (run.run_dir / "summary.json").write_text(json.dumps(s))
+    again = train(run_cfg(results_dir, "train.tokens=2560"))
+    assert again["status"] == "completed"
+    assert (
+        again["final_val_loss"] == done["final_val_loss"]
+        and again["final_train_loss"] == done["final_train_loss"]
+    )
