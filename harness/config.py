@@ -136,10 +136,11 @@ class TrainConfig:
     # and returns, "wait" polls until it finishes (then skips) or dies (then takes over).
     if_busy: str = "fail"
     owner_stale_s: float = 600.0  # an owner whose heartbeat is older is presumed dead
-    # Divergence beside non-finite losses: the train loss above spike_factor x its running minimum
-    # for spike_steps steps in a row (0 disables), or a validation loss after warmup worse than
-    # guessing uniformly, ln(vocab_size). Either ends the run as failed with the reason.
-    spike_factor: float = 3.0
+    # Divergence beside non-finite losses (harness.train.Divergence): the moving average of the
+    # train loss above spike_factor x its running minimum for spike_steps steps in a row (0
+    # disables), or a final validation loss worse than guessing uniformly, ln(vocab_size) (twice
+    # that mid-run). Either ends the run as failed with the reason.
+    spike_factor: float = 2.0
     spike_steps: int = 10
     fail_above_uniform: bool = True
     # "auto" resumes from the newest checkpoint and stops, naming it, when it cannot be loaded;

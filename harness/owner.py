@@ -34,7 +34,7 @@ import subprocess
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -66,6 +66,8 @@ class Owner:
     slurm_job: str = ""
     slurm_restart: int = 0
     slurm_cluster: str = ""
+    uid: int = -1  # squeue may hide other users' jobs (PrivateData): its silence counts only for ours
+    heartbeat_s: float = 30.0
     since: str = ""
 
     def describe(self) -> str:
@@ -113,6 +115,7 @@ def me(token: str | None = None) -> Owner:
         slurm_job=job,
         slurm_restart=restart,
         slurm_cluster=os.environ.get("SLURM_CLUSTER_NAME", "") if job else "",
+        uid=os.getuid() if hasattr(os, "getuid") else -1,
         since=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
@@ -123,7 +126,17 @@ _OWNER = TypeAdapter(Owner)
 def read_owner(run_dir: Path) -> Owner | None:
     """The owner named in run_dir/owner.json; a file that does not parse as one (a crash mid-write
     on a filesystem without hard links, a hand edit) gives an owner known only by its heartbeat."""
-    p = Path(run_dir) / OWNER_FILE
+    return _read_owner_file(Path(run_dir) / OWNER_FILE)
+
+
+def _holds(lock: Path, token: str) -> bool:
+    try:
+        return lock.read_text() == token
+    except OSError:
+        return False
+
+
+def _read_owner_file(p: Path) -> Owner | None:
     try:
         raw = json.loads(p.read_bytes())
         return _OWNER.validate_python(raw)
@@ -169,10 +182,14 @@ def _slurm_state(job: str, cluster: str = "") -> str | None:
 def _fs_age(path: Path) -> float | None:
     """Seconds since `path` was last touched, by the filesystem's clock; None when it is gone."""
     probe = path.parent / f".clock-{uuid.uuid4().hex}"
-    try:
-        mtime = path.stat().st_mtime
+    try:  # an open() makes NFS revalidate attributes that stat() may serve from its cache
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
+    try:
+        mtime = os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
     try:
         probe.touch()
     except OSError:  # a directory this process may only read: fall back to the local clock
@@ -189,24 +206,31 @@ def dead_because(owner: Owner, run_dir: Path, stale_s: float) -> str:
     if owner.host == here.host and owner.machine and owner.machine == here.machine and owner.pid:
         try:
             os.kill(owner.pid, 0)
+            visible = True
         except ProcessLookupError:
             return f"process {owner.pid} on {owner.host} is gone"
-        except PermissionError:
-            pass
+        except PermissionError:  # another user's process, or /proc hidden from us
+            visible = False
         start = _proc_start(owner.pid)
         if owner.start and start and start != owner.start:
             return f"process {owner.pid} on {owner.host} is gone (the pid now belongs to another process)"
-        return ""
-    if owner.slurm_job:
-        if owner.slurm_job == here.slurm_job and owner.slurm_restart < here.slurm_restart:
-            return f"Slurm requeued job {owner.slurm_job}; this attempt replaces the earlier one"
-        state = _slurm_state(owner.slurm_job, owner.slurm_cluster)
-        if state == "" or (state and state.upper() in _SLURM_DEAD):
-            return f"Slurm job {owner.slurm_job} is {state.lower() or 'no longer in squeue'}"
-        if state:  # pending, running, suspended, completing: the job vouches for its process
+        if visible or not owner.start or start:
             return ""
+    if owner.slurm_job:
+        same_job = owner.slurm_job == here.slurm_job
+        if same_job and owner.slurm_restart < here.slurm_restart:
+            return f"Slurm requeued job {owner.slurm_job}; this attempt replaces the earlier one"
+        if not same_job:  # our own job is running by definition: it says nothing of the owner
+            state = _slurm_state(owner.slurm_job, owner.slurm_cluster)
+            mine = owner.uid == here.uid
+            if state and state.upper() in _SLURM_DEAD or (state == "" and mine):
+                return f"Slurm job {owner.slurm_job} is {state.lower() or 'no longer in squeue'}"
+            if state:  # pending, running, suspended, completing: the job vouches for its process
+                return ""
+    # The owner beats every heartbeat_s; a threshold under a few beats would take live owners.
+    limit = max(stale_s, 3 * owner.heartbeat_s + 60)
     age = _fs_age(Path(run_dir) / OWNER_FILE)
-    if age is not None and age > stale_s:
+    if age is not None and age > limit:
         return f"no heartbeat for {age:.0f} s (train.owner_stale_s={stale_s:g})"
     return ""
 
@@ -247,7 +271,7 @@ class RunLock:
         self.path = self.run_dir / OWNER_FILE
         self.stale_s = stale_s
         self.heartbeat_s = heartbeat_s or max(0.05, min(30.0, stale_s / 10))
-        self.owner = me()
+        self.owner = replace(me(), heartbeat_s=self.heartbeat_s)
         self.lost: str = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -270,7 +294,7 @@ class RunLock:
             why = dead_because(other, self.run_dir, self.stale_s)
             if why:
                 log.warning("%s: taking over from %s: %s", self.run_dir, other.describe(), why)
-                self._remove_if(other.token)
+                self._remove_if(other.token, still_dead=True)
                 continue
             msg = f"{self.run_dir} is being trained by {other.describe()}"
             if if_busy == "fail":
@@ -288,12 +312,12 @@ class RunLock:
         self._thread.start()
         return True
 
-    def _remove_if(self, token: str, tries: int = 50) -> bool:
-        """Removes owner.json if it still names `token`, under the break lock. False when the
-        break lock stayed busy."""
+    def _remove_if(self, token: str, still_dead: bool = False, tries: int = 50) -> bool:
+        """Removes owner.json if it still names `token` (and, with `still_dead`, that owner is still
+        dead), under the break lock. False when the break lock stayed busy."""
         brk = self.path.with_name(OWNER_FILE + ".break")
         for _ in range(tries):
-            if _link_create(brk, self.owner.token):
+            if _link_create(brk, self.owner.token) or _holds(brk, self.owner.token):
                 break
             self._clear_stale_break(brk)
             time.sleep(0.1)
@@ -301,14 +325,27 @@ class RunLock:
             return False
         try:
             cur = read_owner(self.run_dir)
-            if cur is not None and cur.token == token:
-                self.path.unlink(missing_ok=True)
-        finally:
+            if cur is None or cur.token != token:
+                return True
+            if still_dead and not dead_because(cur, self.run_dir, self.stale_s):
+                return True
+            # Renamed aside, then checked: if a stall let someone else publish owner.json meanwhile,
+            # theirs is put back rather than deleted.
+            aside = self.path.with_name(f".{OWNER_FILE}.{self.owner.token}.gone")
             try:
-                if brk.read_text() == self.owner.token:
-                    brk.unlink()
+                os.rename(self.path, aside)
             except FileNotFoundError:
-                pass
+                return True
+            gone = _read_owner_file(aside)
+            if gone is not None and gone.token != token:
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    pass
+            aside.unlink(missing_ok=True)
+        finally:
+            if _holds(brk, self.owner.token):
+                brk.unlink(missing_ok=True)
         return True
 
     def _clear_stale_break(self, brk: Path) -> None:

@@ -189,8 +189,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(run_dir: Path, model, opt, step: int, state: dict[str, Any], keep: int = 1) -> None:
-    """Writes ckpt/step_<step>/ atomically, then removes all but the newest `keep` checkpoints."""
+def save_checkpoint(
+    run_dir: Path, model, opt, step: int, state: dict[str, Any], keep: int = 1, before_publish=lambda: None
+) -> None:
+    """Writes ckpt/step_<step>/ atomically, then removes all but the newest `keep` checkpoints.
+    `before_publish()` runs before the rename and before the pruning (an owner's check that it
+    still owns the run: writing can take long enough to lose it)."""
     ckpt = Path(run_dir) / "ckpt"
     for stale in ckpt.glob(".tmp_step_*"):  # left by a killed attempt; the caller owns the run
         shutil.rmtree(stale, ignore_errors=True)
@@ -203,9 +207,11 @@ def save_checkpoint(run_dir: Path, model, opt, step: int, state: dict[str, Any],
     torch.save({"optimizer": opt.state_dict(), "step": step, **rng, **state}, tmp / "state.pt")
     fsync_tree(tmp)  # the rename below must not publish files whose data is still in the page cache
     final = ckpt / f"step_{step:08d}"
+    before_publish()
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)  # a directory rename is atomic: a checkpoint is all there or absent
     fsync_tree(ckpt, files=False)
+    before_publish()
     for old in checkpoints(run_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -224,7 +230,8 @@ def load_checkpoint(path: Path, model, opt) -> dict[str, Any]:
     path = Path(path)
     try:
         load_model(model, str(path / "model.safetensors"))
-        state = torch.load(path / "state.pt", weights_only=True)
+        # on the CPU: a run may resume on fewer GPUs or none; the optimizer moves state to its params
+        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
@@ -233,7 +240,7 @@ def load_checkpoint(path: Path, model, opt) -> dict[str, Any]:
             raise
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}"[:800]) from e
     if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch.cuda.set_rng_state_all(state["cuda_rng"][: torch.cuda.device_count()])
     state["step"] = step
     return state
 

@@ -149,9 +149,10 @@ def config_differences(stored: dict[str, Any], run: RunConfig) -> list[str]:
 class Divergence:
     """The divergence rules beside non-finite losses (TrainConfig).
 
-    - Spike: the train loss above `spike_factor` x the running minimum of its moving average
-      (EMA_BETA), for `spike_steps` steps in a row. The minimum is taken of the average, not of
-      single batches, so one easy batch cannot set a floor ordinary ones then exceed.
+    - Spike: the moving average of the train loss (EMA_BETA) above `spike_factor` x its own running
+      minimum, for `spike_steps` steps in a row. Both sides are averages, so neither one easy
+      batch (a low floor) nor one hard batch (a high step) decides; a run that climbs back to the
+      unigram plateau, about twice the loss it had reached, is caught.
     - Uniform: the final validation loss worse than guessing uniformly, ln(vocab), or any
       validation loss after warmup worse than twice that. An untrained model sits near ln(vocab),
       so a slow but sound run can be just above it mid-run; past 2 ln(vocab) it has blown up.
@@ -176,17 +177,17 @@ class Divergence:
         """The reason the run diverged at this step, or ""."""
         if not math.isfinite(loss):
             return f"diverged: non-finite loss at step {step}"
-        if self.factor and loss > self.factor * self.ema_min:
+        self.ema = loss if math.isnan(self.ema) else self.EMA_BETA * self.ema + (1 - self.EMA_BETA) * loss
+        if self.factor and self.ema > self.factor * self.ema_min:
             self.spikes += 1
             if self.spikes >= self.steps:
                 return (
-                    f"diverged: train loss {loss:.4g} at step {step} has stayed above {self.factor:g} x the "
-                    f"running minimum {self.ema_min:.4g} of its moving average for {self.spikes} steps "
+                    f"diverged: the moving average of the train loss, {self.ema:.4g} at step {step}, has "
+                    f"stayed above {self.factor:g} x its minimum {self.ema_min:.4g} for {self.spikes} steps "
                     "(train.spike_factor, train.spike_steps)"
                 )
         else:
             self.spikes = 0
-        self.ema = loss if math.isnan(self.ema) else self.EMA_BETA * self.ema + (1 - self.EMA_BETA) * loss
         self.ema_min = min(self.ema_min, self.ema)
         return ""
 
@@ -328,8 +329,22 @@ def _train_owned(run: RunConfig, data, device: torch.device, lock: RunLock) -> d
         "hardware": hardware(device),
     }
 
-    def write_summary() -> None:
+    metrics_ino = None  # the metrics.jsonl this process appends to
+
+    def guard() -> None:
+        """Before a checkpoint or a summary: this process still owns the run, and metrics.jsonl is
+        still its file (a new owner rewrites it as a new file before appending)."""
         lock.verify()
+        try:
+            ino = (run_dir / "metrics.jsonl").stat().st_ino if metrics_ino is not None else None
+        except FileNotFoundError:
+            ino = -1
+        if ino != metrics_ino:
+            lock.lost = "metrics.jsonl was replaced by another process"
+            lock.check()
+
+    def write_summary() -> None:
+        guard()
         atomic_write_json(run_dir / "summary.json", summary)
 
     write_summary()
@@ -340,10 +355,11 @@ def _train_owned(run: RunConfig, data, device: torch.device, lock: RunLock) -> d
             step = st["step"]
             log.info("resuming %s from step %d", run_dir, step)
         lines = read_metrics(run_dir, step)
-        lock.check()
+        lock.verify()  # restore may have taken long: another owner may have rewritten metrics.jsonl since
         atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
         metrics_f = open(run_dir / "metrics.jsonl", "a")
-        _loop(run, data, device, lock, summary, model, opt, st, metrics_f, counts)
+        metrics_ino = os.fstat(metrics_f.fileno()).st_ino
+        _loop(run, data, device, lock, guard, summary, model, opt, st, metrics_f, counts)
     except OwnershipLost:
         raise
     except BaseException as e:
@@ -360,7 +376,7 @@ def _train_owned(run: RunConfig, data, device: torch.device, lock: RunLock) -> d
     return summary
 
 
-def _loop(run, data, device, lock, summary, model, opt, st, metrics_f, counts) -> None:
+def _loop(run, data, device, lock, guard, summary, model, opt, st, metrics_f, counts) -> None:
     """The step loop; updates `summary` in place (steps_done, status, final numbers)."""
     run_dir, steps = run.run_dir, run.steps
     tokens_per_step = run.train.batch_size * run.model.seq_len
@@ -448,7 +464,8 @@ def _loop(run, data, device, lock, summary, model, opt, st, metrics_f, counts) -
                     break
             stop_now = run.train.stop_after_steps and step - start_step >= run.train.stop_after_steps
             if step == steps or stop_now or (run.train.ckpt_every and step % run.train.ckpt_every == 0):
-                lock.verify()
+                os.fsync(metrics_f.fileno())  # the lines up to a checkpoint outlive a lost node with it
+                guard()
                 save_checkpoint(
                     run_dir,
                     model,
@@ -463,6 +480,7 @@ def _loop(run, data, device, lock, summary, model, opt, st, metrics_f, counts) -
                         **div.state(),
                     },  # fmt: skip
                     keep=run.train.keep_checkpoints,
+                    before_publish=guard,
                 )
             if stop_now and step < steps:
                 log.info(

@@ -177,3 +177,27 @@ def test_stale_break_lock_is_cleared_and_a_fresh_one_respected(tmp_path):
     brk.write_text("live-breaker")  # fresh: someone is taking over right now
     assert RunLock(run_dir)._remove_if(dead.token, tries=3) is False
     assert brk.read_text() == "live-breaker" and (run_dir / own.OWNER_FILE).exists()
+
+
+def test_slurm_evidence_is_used_only_where_it_speaks_of_the_owner(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setattr(own, "_slurm_state", lambda job, cluster="": "")  # squeue: no such job
+    here = own.me()
+    same_attempt = replace(here, host="elsewhere", slurm_job="4242", slurm_restart=0)
+    _write_owner(tmp_path / "a", same_attempt)
+    assert dead_because(same_attempt, tmp_path / "a", stale_s=600) == ""  # our own job: heartbeat decides
+    other_user = replace(here, host="elsewhere", slurm_job="77", uid=here.uid + 1)
+    _write_owner(tmp_path / "b", other_user)
+    assert dead_because(other_user, tmp_path / "b", stale_s=600) == ""  # squeue may hide their jobs
+    mine = replace(other_user, uid=here.uid)
+    assert "no longer in squeue" in dead_because(mine, tmp_path / "b", stale_s=600)
+
+
+def test_a_short_stale_setting_cannot_outrun_the_owners_heartbeat(tmp_path):
+    other = replace(own.me(), host="elsewhere", slurm_job="", heartbeat_s=30.0)
+    _write_owner(tmp_path / "r", other, age_s=100)  # three beats missed at most
+    assert dead_because(other, tmp_path / "r", stale_s=20) == ""
+    _write_owner(tmp_path / "r", other, age_s=200)
+    assert "no heartbeat" in dead_because(other, tmp_path / "r", stale_s=20)

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from harness.config import OptimConfig, compose
+from harness.owner import OwnershipLost
 from harness.rundir import CheckpointError
 from harness.train import lr_at, train
 
@@ -261,7 +262,9 @@ def test_finite_blow_up_ends_failed_and_is_excluded(results_dir, rule, extra):
 
     summary = train(run_cfg(results_dir, "train.tokens=25600", "optim.lr=10", *extra))
     assert summary["status"] == "failed" and summary["reason"].startswith("diverged:")
-    assert ("running minimum" if rule == "spike" else "the loss of guessing uniformly") in summary["reason"]
+    assert (
+        "moving average of the train loss" if rule == "spike" else "the loss of guessing uniformly"
+    ) in summary["reason"]
     kept, excluded = split_usable(collect(results_dir))
     assert kept.empty and "diverged" in excluded["why"].iloc[0]
 
@@ -305,10 +308,11 @@ def test_divergence_rules_spare_a_slow_start_and_an_easy_batch():
     assert "twice the loss of guessing uniformly" in d.val_loss(11.2, step=50)
     assert "final validation loss 5.6" in d.val_loss(5.6, step=100)
     assert d.val_loss(20.0, step=3) == ""  # still warming up
-    losses = [5.5] * 20 + [0.5] + [2.0] * 30  # one easy batch must not set the floor
+    losses = [5.5] * 20 + [2.0] * 60 + [0.2] + [2.0] * 20 + [9.0] * 3 + [2.0] * 20  # an easy and a hard patch
     assert all(d.train_loss(x, i) == "" for i, x in enumerate(losses, 1))
-    assert all(d.train_loss(30.0, 51 + i) == "" for i in range(9))
-    assert "for 10 steps" in d.train_loss(30.0, 60)
+    plateau = [d.train_loss(4.4, 200 + i) for i in range(60)]  # back to the unigram plateau, 2.2 x 2.0
+    first = next(r for r in plateau if r)
+    assert first.startswith("diverged: the moving average of the train loss") and "for 10 steps" in first
 
 
 def test_diverged_run_is_final_and_not_trained_again(results_dir):
@@ -363,3 +367,22 @@ def test_run_killed_after_its_final_checkpoint_completes_with_its_real_losses(re
         again["final_val_loss"] == done["final_val_loss"]
         and again["final_train_loss"] == done["final_train_loss"]
     )
+
+
+def test_owner_whose_metrics_file_was_replaced_stops_before_its_checkpoint(results_dir, monkeypatch):
+    """A process that lost the run while stalled must not publish a checkpoint over the new owner's."""
+    import harness.train as T
+
+    run = run_cfg(results_dir, "train.tokens=7680", "train.ckpt_every=5")
+    real = T.save_checkpoint
+
+    def replaced_then_save(run_dir, *a, **k):
+        (run_dir / "metrics.jsonl").rename(run_dir / "old.jsonl")  # a new owner's rewrite
+        (run_dir / "metrics.jsonl").write_text("")
+        return real(run_dir, *a, **k)
+
+    monkeypatch.setattr(T, "save_checkpoint", replaced_then_save)
+    with pytest.raises(OwnershipLost, match="metrics.jsonl was replaced"):
+        train(run)
+    assert not list((run.run_dir / "ckpt").glob("step_*"))
+    assert json.loads((run.run_dir / "summary.json").read_text())["status"] == "running"  # not overwritten
