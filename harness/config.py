@@ -148,6 +148,11 @@ class TrainConfig:
     # from scratch).
     resume: str = "auto"
     keep_checkpoints: int = 1  # newest checkpoints kept; 2 leaves skip-broken somewhere to go
+    # Several ranks (torchrun, or Slurm tasks): batch_size stays the global batch; each rank takes
+    # its share in forward passes of micro_batch_size sequences (0: batch_size / world size, one pass),
+    # accumulating gradients, so the loss curve does not depend on either. parallel: auto | none | ddp.
+    micro_batch_size: int = 0
+    parallel: str = "auto"
 
     def __post_init__(self) -> None:
         for f in ("tokens", "batch_size", "eval_every", "eval_batches", "log_every", "keep_checkpoints"):
@@ -155,6 +160,12 @@ class TrainConfig:
                 raise ValueError(f"train.{f} must be >= 1, got {getattr(self, f)}")
         if self.if_busy not in ("fail", "skip", "wait"):
             raise ValueError(f"train.if_busy must be fail, skip or wait, got {self.if_busy!r}")
+        if self.parallel not in ("auto", "none", "ddp"):
+            raise ValueError(f"train.parallel must be auto, none or ddp, got {self.parallel!r}")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise ValueError(
+                f"train.micro_batch_size={self.micro_batch_size} must divide train.batch_size={self.batch_size}"
+            )
         if self.resume not in ("auto", "skip-broken"):
             raise ValueError(f"train.resume must be auto or skip-broken, got {self.resume!r}")
         if self.spike_factor and self.spike_factor <= 1:
@@ -223,6 +234,8 @@ EXECUTION_ONLY: dict[str, tuple[str, ...]] = {
         "fail_above_uniform",
         "resume",
         "keep_checkpoints",
+        "micro_batch_size",
+        "parallel",
     ),
     "data": ("cache_dir",),
     "model": ("backend",),  # which kernels compute the same function (torch, native C, CUDA)

@@ -16,6 +16,7 @@ import os
 import platform
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from harness import flops
-from harness.config import EXECUTION_ONLY, OptimConfig, RunConfig, run_config_dict
+from harness import dist, flops
+from harness.config import EXECUTION_ONLY, OptimConfig, RunConfig, TrainConfig, run_config_dict
 from harness.data import WindowLoader, check_windows, prepare, val_batches
 from harness.fileio import atomic_write_json, atomic_write_text
 from harness.models import build_model
@@ -62,9 +63,11 @@ def lr_at(step: int, steps: int, o: OptimConfig) -> float:
     return floor + 0.5 * (o.lr - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def pick_device(spec: str) -> torch.device:
+def pick_device(spec: str, d: dist.Dist | None = None) -> torch.device:
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", d.local_rank if d is not None and d.world > 1 else 0)
+        return torch.device("cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={spec!r} but CUDA is not available here")
@@ -99,12 +102,17 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, data, run: RunConfig, device, autocast) -> float:
+def evaluate(model, s: Setup) -> float:
+    """Mean validation loss over the fixed validation windows; each rank scores its share of every
+    batch and the means are averaged across ranks."""
+    run, d = s.run, s.d
     model.eval()
     total = 0.0
-    for x, y in val_batches(data, run.model.seq_len, run.train.batch_size, run.train.eval_batches):
-        with autocast():
-            total += lm_loss(model(x.to(device)).logits, y.to(device)).item()
+    for x, y in val_batches(s.data, run.model.seq_len, run.train.batch_size, run.train.eval_batches):
+        n = x.shape[0] // d.world
+        x, y = x[d.rank * n : (d.rank + 1) * n], y[d.rank * n : (d.rank + 1) * n]
+        with s.autocast():
+            total += dist.mean(lm_loss(model(x.to(s.device)).logits, y.to(s.device)), d).item()
     model.train()
     return total / run.train.eval_batches
 
@@ -208,34 +216,134 @@ class Divergence:
         return ""
 
 
-def restore(run: RunConfig, run_dir: Path, device: torch.device):
-    """(model, optimizer, checkpoint state or None): from the newest checkpoint that loads, or
-    from scratch. A checkpoint that fails to load stops the run, naming it and the remedy, unless
-    train.resume=skip-broken, which sets it aside and tries the one before."""
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    """What every rank knows before the first step."""
+
+    run: RunConfig
+    d: dist.Dist
+    device: torch.device
+    data: Any
+    micro: int  # sequences per forward pass on one rank
+    accum: int  # forward passes per optimizer step on one rank
+
+    @property
+    def autocast(self):
+        if self.device.type == "cuda":
+            return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext
+
+
+def batch_split(t: TrainConfig, world: int) -> tuple[int, int]:
+    """(micro batch, accumulation steps) that give the global batch `t.batch_size` on `world` ranks."""
+    micro = t.micro_batch_size or t.batch_size // world
+    if micro < 1 or t.batch_size % (world * micro):
+        raise ValueError(
+            f"train.batch_size={t.batch_size} (the global batch) is not a multiple of {world} rank(s) x "
+            f"train.micro_batch_size={micro}; choose a micro batch that divides batch_size / {world}"
+        )
+    return micro, t.batch_size // (world * micro)
+
+
+def on_main(d: dist.Dist, fn):
+    """fn() on rank 0, its result on every rank; an exception there is raised on every rank."""
+    if d.world == 1:
+        return fn()
+    out = None
+    if d.main:
+        try:
+            out = ("ok", fn())
+        except Exception as e:  # the others must not wait forever for a result that never comes
+            dist.broadcast(("err", f"{type(e).__name__}: {e}"), d)
+            raise
+    tag, value = dist.broadcast(out, d)
+    if tag == "err":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+def restore(s: Setup, run_dir: Path):
+    """(model, optimizer, checkpoint state or None) from the newest checkpoint that loads, or from
+    scratch. Rank 0 picks the checkpoint: one that fails to load stops the run, naming it and the
+    remedy, unless train.resume=skip-broken, which sets it aside and tries the one before."""
+    run = s.run
 
     def fresh():
         torch.manual_seed(run.train.seed)
-        model = build_model(run.model).to(device)
+        model = build_model(run.model).to(s.device)
         return model, make_optimizer(model, run.optim)
 
+    def pick():
+        nonlocal model, opt
+        ckpts = checkpoints(run_dir)
+        while ckpts:
+            ckpt = ckpts.pop()
+            try:
+                return ckpt, load_checkpoint(ckpt, model, opt)
+            except CheckpointError as e:
+                before = (
+                    f"the previous checkpoint {ckpts[-1].name}"
+                    if ckpts
+                    else "scratch (no earlier checkpoint)"
+                )
+                if run.train.resume != "skip-broken":
+                    raise CheckpointError(
+                        f"{e}. Remove it to resume from {before}, or relaunch with train.resume=skip-broken, "
+                        "which moves it to ckpt/broken_* and does that."
+                    ) from e
+                log.warning("%s; set aside as %s, resuming from %s", e, set_aside(ckpt), before)
+                model, opt = fresh()  # a failed load may have changed some weights already
+        return None, None
+
     model, opt = fresh()
-    ckpts = checkpoints(run_dir)
-    while ckpts:
-        ckpt = ckpts.pop()
-        try:
-            return model, opt, load_checkpoint(ckpt, model, opt)
-        except CheckpointError as e:
-            before = (
-                f"the previous checkpoint {ckpts[-1].name}" if ckpts else "scratch (no earlier checkpoint)"
-            )
-            if run.train.resume != "skip-broken":
-                raise CheckpointError(
-                    f"{e}. Remove it to resume from {before}, or relaunch with train.resume=skip-broken, "
-                    "which moves it to ckpt/broken_* and does that."
-                ) from e
-            log.warning("%s; set aside as %s, resuming from %s", e, set_aside(ckpt), before)
-            model, opt = fresh()  # a failed load may have changed some weights already
-    return model, opt, None
+    ckpt, st = pick() if s.d.main else (None, None)
+    ckpt = dist.broadcast(str(ckpt) if ckpt else None, s.d)
+    if ckpt and not s.d.main:
+        st = load_checkpoint(Path(ckpt), model, opt)
+    return model, opt, st
+
+
+def train(run: RunConfig) -> dict[str, Any]:
+    """Trains one run to its token budget (resuming if possible) and returns its summary.
+
+    At any world size, rank 0 alone reads and writes the run directory, and only while it owns it
+    (`harness.owner`). Another live owner makes this call fail, skip or wait (train.if_busy);
+    skipping returns {"status": "busy", ...}."""
+    d, run_dir = dist.from_env(), run.run_dir
+    micro, accum = batch_split(run.train, d.world)
+    if d.world > 1 and run.train.parallel == "none":
+        raise ValueError(f"{d.world} ranks need train.parallel=ddp (or auto)")
+    if run.train.threads:
+        torch.set_num_threads(run.train.threads)
+    device = pick_device(run.train.device, d)
+    dist.init(d, device)
+    prev = on_main(d, lambda: read_summary(run_dir))
+    if is_final(prev):
+        _log_final(run_dir, prev, "already")
+        return prev
+    # before anything is written: a bad corpus leaves no run directory; rank 0 tokenizes, the
+    # others then find the cache
+    prepared = {}
+    on_main(d, lambda: prepared.update(data=prepare(run.data)))
+    data = prepared["data"] if d.main else prepare(run.data)
+    check_windows(data, run.model.seq_len)
+    if data.vocab_size != run.model.vocab_size:
+        raise ValueError(
+            f"tokenizer vocab size is {data.vocab_size} but model.vocab_size={run.model.vocab_size}; "
+            f"add +model.vocab_size={data.vocab_size}"
+        )
+    lock = RunLock(run_dir, stale_s=run.train.owner_stale_s) if d.main else None
+    if not on_main(d, lambda: lock.acquire(run.train.if_busy)):
+        owner = read_owner(run_dir)
+        return {"status": "busy", "run": run.run_name, "reason": owner.describe() if owner else ""}
+    try:
+        return _train_owned(Setup(run, d, device, data, micro, accum), lock)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _log_final(run_dir: Path, summary: dict[str, Any], when: str) -> None:
@@ -243,71 +351,28 @@ def _log_final(run_dir: Path, summary: dict[str, Any], when: str) -> None:
         val = summary.get("final_val_loss") or math.nan
         log.info("%s %s completed (val loss %.4g); skipping", run_dir, when, val)
     else:
-        log.warning(
-            "%s %s %s; skipping (delete the run directory to train it again)",
-            run_dir,
-            when,
-            summary["reason"],
-        )
+        log.warning("%s %s %s; skipping (delete the run directory to train it again)", run_dir, when,
+                    summary["reason"])  # fmt: skip
 
 
-def _fail(summary: dict[str, Any], e: BaseException, step: int) -> None:
-    summary.update(status="failed", reason=f"{type(e).__name__}: {e}"[:800], steps_done=step)
-
-
-def train(run: RunConfig) -> dict[str, Any]:
-    """Trains one run to its token budget (resuming if possible) and returns its summary.
-
-    Only the process that owns the run directory (`harness.owner`) writes to it. Another live owner
-    makes this call fail, skip or wait (train.if_busy); skipping returns {"status": "busy", ...}."""
-    run_dir = run.run_dir
-    prev = read_summary(run_dir)
-    if is_final(prev):
-        _log_final(run_dir, prev, "already")
-        return prev
-
-    if run.train.threads:
-        torch.set_num_threads(run.train.threads)
-    device = pick_device(run.train.device)
-    data = prepare(run.data)  # before anything is written: a bad corpus leaves no run directory
-    check_windows(data, run.model.seq_len)
-    if data.vocab_size != run.model.vocab_size:
-        raise ValueError(
-            f"tokenizer vocab size is {data.vocab_size} but model.vocab_size={run.model.vocab_size}; "
-            f"add +model.vocab_size={data.vocab_size}"
-        )
-    lock = RunLock(run_dir, stale_s=run.train.owner_stale_s)
-    if not lock.acquire(run.train.if_busy):
-        owner = read_owner(run_dir)
-        return {"status": "busy", "run": run.run_name, "reason": owner.describe() if owner else ""}
-    try:
-        return _train_owned(run, data, device, lock)
-    finally:
-        lock.release()
-
-
-def _train_owned(run: RunConfig, data, device: torch.device, lock: RunLock) -> dict[str, Any]:
-    run_dir = run.run_dir
-    prev = read_summary(run_dir)  # again: it may have ended while this process waited
-    if is_final(prev):
-        _log_final(run_dir, prev, "while this process waited:")
-        return prev
-    cfg_dict = run_config_dict(run)
-    cfg_path = run_dir / "config.yaml"
+def _write_config(run: RunConfig) -> None:
+    cfg_path = run.run_dir / "config.yaml"
     stored = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
     if not isinstance(stored, dict):
         stored = {"config.yaml": f"not a mapping ({type(stored).__name__})"}
     diff = config_differences(stored, run) if cfg_path.exists() else []
     if diff:
         raise ValueError(
-            f"{run_dir} holds a run with a different config ({'; '.join(diff)[:500]}); use another sweep or run_name"
+            f"{run.run_dir} holds a run with a different config ({'; '.join(diff)[:500]}); "
+            "use another sweep or run_name"
         )
-    atomic_write_text(cfg_path, yaml.safe_dump(cfg_dict, sort_keys=True))
+    atomic_write_text(cfg_path, yaml.safe_dump(run_config_dict(run), sort_keys=True))
 
-    counts = flops.count(run.model, run.model.seq_len)
-    steps = run.steps
+
+def _start_summary(s: Setup, counts) -> dict[str, Any]:
+    run = s.run
     tokens_per_step = run.train.batch_size * run.model.seq_len
-    summary: dict[str, Any] = {
+    return {
         "status": "running",
         "reason": "",
         "sweep": run.sweep,
@@ -319,188 +384,263 @@ def _train_owned(run: RunConfig, data, device: torch.device, lock: RunLock) -> d
         "seq_len": run.model.seq_len,
         "batch_size": run.train.batch_size,
         "lr": run.optim.lr,
-        "steps": steps,
-        "tokens": steps * tokens_per_step,
+        "steps": run.steps,
+        "tokens": run.steps * tokens_per_step,
         **counts.as_dict(),
-        "flops_train": counts.train * steps * tokens_per_step,
+        "flops_train": counts.train * run.steps * tokens_per_step,
         "flops_budget": run.train.flops_budget or None,
         "data_decode": run.data.decode,
-        "data_replaced_bytes": getattr(data, "replaced_bytes", 0),
-        "hardware": hardware(device),
+        "data_replaced_bytes": getattr(s.data, "replaced_bytes", 0),
+        "world_size": s.d.world,
+        "micro_batch_size": s.micro,
+        "grad_accum_steps": s.accum,
+        "hardware": hardware(s.device),
     }
 
-    metrics_ino = None  # the metrics.jsonl this process appends to
 
-    def guard() -> None:
+class Writer:
+    """Rank 0's hands on the run directory. Every write is checked against ownership: a process
+    that lost the run (`harness.owner`) raises `OwnershipLost` instead of writing."""
+
+    def __init__(self, run_dir: Path, lock: RunLock, summary: dict[str, Any]):
+        self.run_dir, self.lock, self.summary = run_dir, lock, summary
+        self.metrics_f = None
+        self.metrics_ino = None  # the metrics.jsonl this process appends to
+
+    def guard(self) -> None:
         """Before a checkpoint or a summary: this process still owns the run, and metrics.jsonl is
         still its file (a new owner rewrites it as a new file before appending)."""
-        lock.verify()
+        self.lock.verify()
         try:
-            ino = (run_dir / "metrics.jsonl").stat().st_ino if metrics_ino is not None else None
+            ino = (self.run_dir / "metrics.jsonl").stat().st_ino if self.metrics_ino is not None else None
         except FileNotFoundError:
             ino = -1
-        if ino != metrics_ino:
-            lock.lost = "metrics.jsonl was replaced by another process"
-            lock.check()
+        if ino != self.metrics_ino:
+            self.lock.lost = "metrics.jsonl was replaced by another process"
+            self.lock.check()
 
-    def write_summary() -> None:
-        guard()
-        atomic_write_json(run_dir / "summary.json", summary)
+    def write_summary(self) -> None:
+        self.guard()
+        atomic_write_json(self.run_dir / "summary.json", self.summary)
 
-    write_summary()
-    step, st, metrics_f = 0, None, None
+    def open_metrics(self, step: int) -> None:
+        """Keeps metrics.jsonl up to the resumed step, then appends."""
+        lines = read_metrics(self.run_dir, step)
+        self.lock.verify()  # restore may have taken long: another owner may have rewritten it since
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
+        self.metrics_f = open(self.run_dir / "metrics.jsonl", "a")
+        self.metrics_ino = os.fstat(self.metrics_f.fileno()).st_ino
+
+    def metrics(self, rec: dict[str, Any]) -> None:
+        self.lock.check()
+        self.metrics_f.write(json.dumps(rec) + "\n")
+        self.metrics_f.flush()
+
+    def checkpoint(self, model, opt, step: int, state: dict[str, Any], keep: int) -> None:
+        os.fsync(self.metrics_f.fileno())  # the lines up to a checkpoint outlive a lost node with it
+        self.guard()
+        save_checkpoint(self.run_dir, model, opt, step, state, keep=keep, before_publish=self.guard)
+
+    def check(self) -> None:
+        self.lock.check()
+
+    def close(self) -> None:
+        if self.metrics_f is not None:
+            self.metrics_f.close()
+
+
+class Silent(Writer):
+    """Ranks other than 0 write nothing."""
+
+    def __init__(self, summary: dict[str, Any]):
+        self.summary = summary
+
+    def write_summary(self) -> None: ...
+    def open_metrics(self, step: int) -> None: ...
+    def metrics(self, rec: dict[str, Any]) -> None: ...
+    def checkpoint(self, model, opt, step, state, keep) -> None: ...
+    def check(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _train_owned(s: Setup, lock: RunLock | None) -> dict[str, Any]:
+    run, d = s.run, s.d
+    prev = on_main(d, lambda: read_summary(run.run_dir))  # again: it may have ended while waiting
+    if is_final(prev):
+        _log_final(run.run_dir, prev, "while this process waited:")
+        return prev
+    on_main(d, lambda: _write_config(run))
+    counts = flops.count(run.model, run.model.seq_len)
+    summary = _start_summary(s, counts)
+    w = Writer(run.run_dir, lock, summary) if d.main else Silent(summary)
+    w.write_summary()
+    step = 0
     try:  # from here on, any failure is recorded in summary.json rather than leaving it "running"
-        model, opt, st = restore(run, run_dir, device)
+        model, opt, st = restore(s, run.run_dir)
         if st is not None:
             step = st["step"]
-            log.info("resuming %s from step %d", run_dir, step)
-        lines = read_metrics(run_dir, step)
-        lock.verify()  # restore may have taken long: another owner may have rewritten metrics.jsonl since
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
-        metrics_f = open(run_dir / "metrics.jsonl", "a")
-        metrics_ino = os.fstat(metrics_f.fileno()).st_ino
-        _loop(run, data, device, lock, guard, summary, model, opt, st, metrics_f, counts)
+            log.info("resuming %s from step %d", run.run_dir, step)
+        w.open_metrics(step)
+        _loop(s, w, model, opt, st, counts)
     except OwnershipLost:
         raise
     except BaseException as e:
         _fail(summary, e, summary.get("steps_done", step))
         try:
-            write_summary()
+            w.write_summary()
         except OwnershipLost:
-            log.error("%s: not recording the failure: %s", run_dir, lock.lost)
+            log.error("%s: not recording the failure: %s", run.run_dir, lock.lost)
         raise
     finally:
-        if metrics_f is not None:
-            metrics_f.close()
-    write_summary()
+        w.close()
+    w.write_summary()
     return summary
 
 
-def _loop(run, data, device, lock, guard, summary, model, opt, st, metrics_f, counts) -> None:
-    """The step loop; updates `summary` in place (steps_done, status, final numbers)."""
-    run_dir, steps = run.run_dir, run.steps
-    tokens_per_step = run.train.batch_size * run.model.seq_len
-    step, wall_prev, loss_acc, loss_n = (
-        (st["step"], st["wall_s"], st["loss_acc"], st["loss_n"]) if st else (0, 0.0, 0.0, 0)
-    )
-    div = Divergence(run, st)
-    # a run stopped right after its final checkpoint resumes at its last step with nothing to do
-    last_val, last_train = (
-        (st.get("last_val", math.nan), st.get("last_train", math.nan)) if st else (math.nan,) * 2
-    )
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    )
-    loader = WindowLoader(data.train, run.model.seq_len, run.train.batch_size, run.train.seed)
+def _fail(summary: dict[str, Any], e: BaseException, step: int) -> None:
+    summary.update(status="failed", reason=f"{type(e).__name__}: {e}"[:800], steps_done=step)
 
-    t0, start_step = time.perf_counter(), step
-    bar = tqdm(
-        total=steps,
-        initial=step,
-        disable=not run.train.progress,
-        unit="step",
-        dynamic_ncols=True,
-        desc=f"{run.model.name} {run.sweep}/{run.run_name}"[:48],
-    )
+
+# ---------------------------------------------------------------- the loop
+
+
+def _step(s: Setup, net, x: torch.Tensor, y: torch.Tensor):
+    """Forward and backward over this rank's share of one global batch, in `s.accum` micro
+    batches; returns (mean train loss over every rank, the last forward's output). Gradients are
+    averaged across ranks by DDP on the last micro batch only."""
+    lo = s.d.rank * s.micro * s.accum
+    x, y = x[lo : lo + s.micro * s.accum], y[lo : lo + s.micro * s.accum]
+    loss_sum = None
+    for i in range(s.accum):
+        xi = x[i * s.micro : (i + 1) * s.micro].to(s.device, non_blocking=True)
+        yi = y[i * s.micro : (i + 1) * s.micro].to(s.device, non_blocking=True)
+        sync = i == s.accum - 1 or not hasattr(net, "no_sync")
+        with nullcontext() if sync else net.no_sync():
+            with s.autocast():
+                out = net(xi)
+                loss = lm_loss(out.logits, yi)
+                total = loss + sum(out.aux_losses.values()) if out.aux_losses else loss
+            (total / s.accum if s.accum > 1 else total).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    return dist.mean(loss_sum / s.accum if s.accum > 1 else loss_sum, s.d), out
+
+
+@dataclass
+class Progress:
+    """The loop's running numbers; the ones a resume needs ride in the checkpoint."""
+
+    step: int = 0
+    wall_prev: float = 0.0
+    loss_acc: float = 0.0
+    loss_n: int = 0
+    last_val: float = math.nan
+    last_train: float = math.nan
+
+    @classmethod
+    def resumed(cls, st: dict[str, Any] | None) -> Progress:
+        if not st:
+            return cls()
+        # a run stopped right after its final checkpoint resumes at its last step with nothing to do
+        return cls(st["step"], st["wall_s"], st["loss_acc"], st["loss_n"], st.get("last_val", math.nan),
+                   st.get("last_train", math.nan))  # fmt: skip
+
+    def state(self, wall: float) -> dict[str, Any]:
+        return {"wall_s": wall, "loss_acc": self.loss_acc, "loss_n": self.loss_n, "last_val": self.last_val,
+                "last_train": self.last_train}  # fmt: skip
+
+
+def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
+    """The step loop; updates `w.summary` in place (steps_done, status, final numbers)."""
+    run, summary = s.run, w.summary
+    steps, tokens_per_step = run.steps, run.train.batch_size * run.model.seq_len
+    p, div = Progress.resumed(st), Divergence(run, st)
+    net = model
+    if s.d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+    loader = WindowLoader(s.data.train, run.model.seq_len, run.train.batch_size, run.train.seed)
+    t0, start_step = time.perf_counter(), p.step
+    desc = f"{run.model.name} {run.sweep}/{run.run_name}"[:48]
+    bar = tqdm(total=steps, initial=p.step, disable=not (run.train.progress and s.d.main), unit="step",
+               dynamic_ncols=True, desc=desc)  # fmt: skip
     try:
-        while step < steps:
-            lock.check()
-            lr = lr_at(step, steps, run.optim)
+        while p.step < steps:
+            w.check()
+            # step: one optimizer update on the global batch
+            lr = lr_at(p.step, steps, run.optim)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x, y = loader.batch(step)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                out = model(x)
-                loss = lm_loss(out.logits, y)
-                total = loss + sum(out.aux_losses.values()) if out.aux_losses else loss
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            loss, out = _step(s, net, *loader.batch(p.step))
             if run.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip)
             opt.step()
-            step += 1
+            p.step += 1
             loss_v = loss.item()
-            diverged = div.train_loss(loss_v, step)
+            diverged = div.train_loss(loss_v, p.step)
             if diverged:
                 summary.update(status="failed", reason=diverged)
-                log.error("%s: %s", run_dir, diverged)
+                log.error("%s: %s", run.run_dir, diverged)
                 break
-            loss_acc, loss_n = loss_acc + loss_v, loss_n + 1
-            wall = wall_prev + time.perf_counter() - t0
-            tps = (step - start_step) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            p.loss_acc, p.loss_n = p.loss_acc + loss_v, p.loss_n + 1
+            wall = p.wall_prev + time.perf_counter() - t0
+            tps = (p.step - start_step) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
-            is_eval = step % run.train.eval_every == 0 or step == steps
-            if step % run.train.log_every == 0 or is_eval:
-                rec: dict[str, Any] = {
-                    "step": step,
-                    "tokens": step * tokens_per_step,
-                    "flops_train": counts.train * step * tokens_per_step,
-                    "train_loss": loss_acc / loss_n,
-                    "val_loss": None,
-                    "lr": lr,
-                    "wall_s": round(wall, 3),
-                    "tokens_per_s": round(tps, 1),
-                }
-                rec.update({f"aux/{k}": float(v.detach()) for k, v in out.aux_losses.items()})
-                rec.update({f"metric/{k}": v.detach().float().cpu().tolist() for k, v in out.metrics.items()})
-                if is_eval:
-                    last_val = rec["val_loss"] = evaluate(model, data, run, device, autocast)
-                    eta_s = (steps - step) * tokens_per_step / max(tps, 1e-9)
-                    log.info(
-                        "step %d/%d train %.4f val %.4f lr %.2e %.0f tok/s ETA %.0fs",
-                        *(step, steps, rec["train_loss"], last_val, lr, tps, eta_s),
-                    )
-                lock.check()
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
-                last_train = rec["train_loss"]
-                loss_acc, loss_n = 0.0, 0
-                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{tps:.0f}")
-                diverged = div.val_loss(last_val, step) if is_eval else ""
-                if diverged:
-                    summary.update(status="failed", reason=diverged)
-                    log.error("%s: %s", run_dir, diverged)
-                    break
-            stop_now = run.train.stop_after_steps and step - start_step >= run.train.stop_after_steps
-            if step == steps or stop_now or (run.train.ckpt_every and step % run.train.ckpt_every == 0):
-                os.fsync(metrics_f.fileno())  # the lines up to a checkpoint outlive a lost node with it
-                guard()
-                save_checkpoint(
-                    run_dir,
-                    model,
-                    opt,
-                    step,
-                    {
-                        "wall_s": wall,
-                        "loss_acc": loss_acc,
-                        "loss_n": loss_n,
-                        "last_val": last_val,
-                        "last_train": last_train,
-                        **div.state(),
-                    },  # fmt: skip
-                    keep=run.train.keep_checkpoints,
-                    before_publish=guard,
-                )
-            if stop_now and step < steps:
-                log.info(
-                    "stopping after %d steps as asked (train.stop_after_steps); resumable",
-                    step - start_step,
-                )
-                summary.update(wall_s=wall, steps_done=step)
+            # log and evaluate
+            diverged = _log_eval(s, w, model, p, div, out, counts, lr, wall, tps)
+            if diverged:
+                summary.update(status="failed", reason=diverged)
+                log.error("%s: %s", run.run_dir, diverged)
+                break
+            # checkpoint; an early stop (train.stop_after_steps) behaves like a preemption
+            stop_now = run.train.stop_after_steps and p.step - start_step >= run.train.stop_after_steps
+            if p.step == steps or stop_now or (run.train.ckpt_every and p.step % run.train.ckpt_every == 0):
+                w.checkpoint(model, opt, p.step, {**p.state(wall), **div.state()}, run.train.keep_checkpoints)
+            if stop_now and p.step < steps:
+                log.info("stopping after %d steps as asked (train.stop_after_steps); resumable",
+                         p.step - start_step)  # fmt: skip
+                summary.update(wall_s=wall, steps_done=p.step)
                 return
     finally:
         bar.close()
-        summary["steps_done"] = step
-
-    wall = wall_prev + time.perf_counter() - t0
-    summary.update(
-        wall_s=round(wall, 3),
-        steps_done=step,
-        tokens_per_s=round(step * tokens_per_step / max(wall, 1e-9), 1),
-    )
+        summary["steps_done"] = p.step
+    # finish
+    wall = p.wall_prev + time.perf_counter() - t0
+    summary.update(wall_s=round(wall, 3), steps_done=p.step,
+                   tokens_per_s=round(p.step * tokens_per_step / max(wall, 1e-9), 1))  # fmt: skip
     if summary["status"] == "running":
-        summary.update(status="completed", final_val_loss=last_val, final_train_loss=last_train)
+        summary.update(status="completed", final_val_loss=p.last_val, final_train_loss=p.last_train)
+
+
+def _log_eval(s: Setup, w: Writer, model, p: Progress, div: Divergence, out, counts, lr, wall, tps) -> str:
+    """Writes a metrics record at log and eval steps; returns why the run diverged, or ""."""
+    run = s.run
+    steps, tokens_per_step = run.steps, run.train.batch_size * run.model.seq_len
+    is_eval = p.step % run.train.eval_every == 0 or p.step == steps
+    if not (p.step % run.train.log_every == 0 or is_eval):
+        return ""
+    rec: dict[str, Any] = {
+        "step": p.step,
+        "tokens": p.step * tokens_per_step,
+        "flops_train": counts.train * p.step * tokens_per_step,
+        "train_loss": p.loss_acc / p.loss_n,
+        "val_loss": None,
+        "lr": lr,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tps, 1),
+    }
+    rec.update({f"aux/{k}": float(v.detach()) for k, v in out.aux_losses.items()})
+    rec.update({f"metric/{k}": v.detach().float().cpu().tolist() for k, v in out.metrics.items()})
+    if is_eval:
+        p.last_val = rec["val_loss"] = evaluate(model, s)
+        eta_s = (steps - p.step) * tokens_per_step / max(tps, 1e-9)
+        log.info("step %d/%d train %.4f val %.4f lr %.2e %.0f tok/s ETA %.0fs",
+                 *(p.step, steps, rec["train_loss"], p.last_val, lr, tps, eta_s))  # fmt: skip
+    w.metrics(rec)
+    p.last_train = rec["train_loss"]
+    p.loss_acc, p.loss_n = 0.0, 0
+    return div.val_loss(p.last_val, p.step) if is_eval else ""
 
 
 def main() -> None:

@@ -1,0 +1,77 @@
+"""One run across several processes: who this process is, and the few collectives the loop needs.
+
+A run with world size > 1 is started by `torchrun`, or by anything that exports the same variables
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), as submitit's TorchDistributedEnvironment does
+for a Slurm job with several tasks. Slurm's own SLURM_NTASKS is not read: a batch script that
+runs a local sweep inside a multi-task allocation is not one run on many ranks. Each rank computes
+on `cuda:LOCAL_RANK` (NCCL) or the CPU (gloo). Gradients are averaged by torch's DistributedDataParallel; nothing here syncs
+gradients by hand. At world size 1 nothing is initialised and every helper is the identity.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+# A rank that dies leaves the others blocked in a collective; torchrun and srun's --kill-on-bad-exit
+# end them, and this bounds the wait where neither does.
+TIMEOUT = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> Dist:
+    """This process's place in the run, from torchrun's variables."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
+    return Dist()
+
+
+def init(d: Dist, device: torch.device) -> None:
+    """Joins the process group (once) for a world size above 1."""
+    if d.world == 1 or tdist.is_initialized():
+        return
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise ValueError(
+                f"{d.world} ranks but {var} is not set: launch with torchrun, or set it for srun"
+            )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    tdist.init_process_group(backend, rank=d.rank, world_size=d.world, timeout=TIMEOUT)
+
+
+def mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The mean of a tensor over ranks (each rank's value weighs the same)."""
+    if d.world == 1:
+        return x
+    x = x.detach().clone()
+    tdist.all_reduce(x, op=tdist.ReduceOp.SUM)  # AVG is NCCL-only
+    return x / d.world
+
+
+def broadcast(obj, d: Dist):
+    """Rank 0's `obj` on every rank."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        tdist.barrier()

@@ -1,0 +1,105 @@
+"""One run on several ranks (torchrun, gloo on CPU): the same losses as one process with the same
+global batch, one writer, checkpoints that move between world sizes, bad splits refused early."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.config import compose
+from harness.train import batch_split, train
+
+FAST = ["train.batch_size=8", "train.eval_batches=2", "train.eval_every=5", "train.log_every=1",
+        "train.progress=false", "train.threads=1", "run_name=r"]  # fmt: skip
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "harness.train"]  # fmt: skip
+
+
+def torchrun(results: Path, *overrides: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([*TORCHRUN, *FAST, f"results_dir={results}", *overrides], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    return r
+
+
+def one_process(results: Path, *overrides: str) -> dict:
+    return train(compose([*FAST, f"results_dir={results}", *overrides]))
+
+
+def metrics(results: Path) -> list[dict]:
+    return [
+        json.loads(line) for line in (results / "default" / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def worst_rel(a: list[dict], b: list[dict], upto: int | None = None) -> float:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    pairs = [(x[k], y[k]) for x, y in zip(a[:upto], b[:upto], strict=True) for k in ("train_loss", "val_loss")
+             if x[k] is not None]  # fmt: skip
+    return max(abs(x - y) / abs(x) for x, y in pairs)
+
+
+@pytest.mark.parametrize("model", ["llama_tiny", "mamba_tiny"])
+def test_two_ranks_and_accumulation_match_one_process(tmp_path, model):
+    budget = [f"model={model}", "train.tokens=10240"]  # 20 steps of 8 x 64 tokens
+    one_process(tmp_path / "one", *budget)
+    one_process(tmp_path / "accum", *budget, "train.micro_batch_size=4")  # 2 accumulation steps
+    r = torchrun(tmp_path / "two", *budget)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, accum, two = (metrics(tmp_path / k) for k in ("one", "accum", "two"))
+    assert [x["step"] for x in two] == list(range(1, 21))  # rank 0 alone wrote, each step once
+    assert worst_rel(one, two) < 1e-4 and worst_rel(one, accum) < 1e-4
+    summary = json.loads((tmp_path / "two" / "default" / "r" / "summary.json").read_text())
+    assert (
+        summary["world_size"] == 2 and summary["micro_batch_size"] == 4 and summary["grad_accum_steps"] == 1
+    )
+    assert summary["tokens"] == 20 * 8 * 64  # the global batch is what the bookkeeping counts
+
+
+def test_rwkv_on_two_ranks_starts_identical_and_drifts_only_by_summation_order(tmp_path):
+    """RWKV amplifies float summation-order differences: equal to 1e-6 over the first 8 steps, but
+    measured 1.7e-4 (train) and 6.3e-4 (val) apart by step 20 at lr 3e-3, at any split of the batch
+    (two ranks or two accumulation steps alike), so the 20-step bound of the other families does
+    not hold for it."""
+    budget = ["model=rwkv6_tiny", "train.tokens=5120"]
+    one_process(tmp_path / "one", *budget)
+    r = torchrun(tmp_path / "two", *budget)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert worst_rel(metrics(tmp_path / "one"), metrics(tmp_path / "two"), upto=8) < 1e-6
+
+
+@pytest.mark.parametrize("first", ["two-ranks", "one-process"])
+def test_checkpoint_moves_between_world_sizes(tmp_path, first):
+    budget = ["model=llama_tiny", "train.tokens=10240", "train.ckpt_every=0"]
+    one_process(tmp_path / "straight", *budget)
+    stop = "train.stop_after_steps=10"
+    if first == "two-ranks":
+        assert torchrun(tmp_path / "moved", *budget, stop).returncode == 0
+        assert one_process(tmp_path / "moved", *budget)["status"] == "completed"
+    else:
+        assert one_process(tmp_path / "moved", *budget, stop)["status"] == "running"
+        r = torchrun(tmp_path / "moved", *budget)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "resuming" in r.stderr
+    assert worst_rel(metrics(tmp_path / "straight"), metrics(tmp_path / "moved")) < 1e-4
+
+
+def test_a_global_batch_the_ranks_cannot_split_is_refused_before_any_compute(tmp_path):
+    r = torchrun(tmp_path / "bad", "model=llama_tiny", "train.tokens=10240", "train.batch_size=6",
+                 "train.micro_batch_size=2")  # fmt: skip
+    assert r.returncode != 0 and "not a multiple of 2 rank(s) x train.micro_batch_size=2" in r.stderr
+    assert not (tmp_path / "bad" / "default" / "r").exists()
+    r = torchrun(tmp_path / "none", "model=llama_tiny", "train.tokens=10240", "train.parallel=none")
+    assert r.returncode != 0 and "2 ranks need train.parallel=ddp" in r.stderr
+
+
+def test_batch_split():
+    t = compose(["train.batch_size=16"]).train
+    assert batch_split(t, 1) == (16, 1) and batch_split(t, 2) == (8, 1) and batch_split(t, 16) == (1, 1)
+    t = compose(["train.batch_size=16", "train.micro_batch_size=4"]).train
+    assert batch_split(t, 1) == (4, 4) and batch_split(t, 2) == (4, 2)
+    with pytest.raises(ValueError, match="not a multiple of 3 rank"):
+        batch_split(t, 3)
+    with pytest.raises(ValueError, match="must divide train.batch_size"):
+        compose(["train.batch_size=16", "train.micro_batch_size=3"])
