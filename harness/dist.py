@@ -1,9 +1,9 @@
 """One run across several processes: who this process is, and the few collectives the loop needs.
 
 A run with world size > 1 is started by `torchrun`, or by anything that exports the same variables
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), as submitit's TorchDistributedEnvironment does
-for a Slurm job with several tasks. Slurm's own SLURM_NTASKS is not read: a batch script that
-runs a local sweep inside a multi-task allocation is not one run on many ranks. Each rank computes
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): `export_from_submitit` does it for a Slurm job
+of the submitit launcher with several tasks. Slurm's own SLURM_NTASKS is not read: a batch script
+that runs a local sweep inside a multi-task allocation is not one run on many ranks. Each rank computes
 on `cuda:LOCAL_RANK` (NCCL) or the CPU (gloo). Gradients are averaged by torch's DistributedDataParallel; nothing here syncs
 gradients by hand. At world size 1 nothing is initialised and every helper is the identity.
 """
@@ -39,6 +39,19 @@ def from_env() -> Dist:
     if "WORLD_SIZE" in env and "RANK" in env:
         return Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
     return Dist()
+
+
+def export_from_submitit() -> None:
+    """Inside a submitit job with several tasks (hydra.launcher.tasks_per_node, nodes), exports
+    torchrun's variables for this task, so `from_env` sees the same run as under torchrun."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "RANK" in os.environ:
+        return
+    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # every task keeps every GPU it was given; the rank picks its own (`harness.train.pick_device`)
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def init(d: Dist, device: torch.device) -> None:

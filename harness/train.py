@@ -65,8 +65,8 @@ def lr_at(step: int, steps: int, o: OptimConfig) -> float:
 
 def pick_device(spec: str, d: dist.Dist | None = None) -> torch.device:
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", d.local_rank if d is not None and d.world > 1 else 0)
+        if torch.cuda.is_available():  # a task bound to one GPU sees it as cuda:0
+            return torch.device("cuda", (d.local_rank if d else 0) % torch.cuda.device_count())
         return torch.device("cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -654,6 +654,7 @@ def main() -> None:
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def _main(cfg) -> None:
         run = to_run_config(cfg, list(HydraConfig.get().overrides.task))
+        dist.export_from_submitit()
         summary = train(run)
         if summary["status"] == "failed":  # diverged: a result to keep, not a crash
             log.error("run %s failed: %s", run.run_dir, summary["reason"])
