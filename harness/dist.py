@@ -11,6 +11,7 @@ gradients by hand. At world size 1 nothing is initialised and every helper is th
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -88,3 +89,24 @@ def broadcast(obj, d: Dist):
 def barrier(d: Dist) -> None:
     if d.world > 1:
         tdist.barrier()
+
+
+class Terminated(BaseException):
+    """SIGTERM, as torchrun sends to every rank once one has failed: raised so the run's failure
+    handler records it, where the default action would end the process without a word."""
+
+
+def raise_on_sigterm(d: Dist) -> None:
+    """Under torchrun (not submitit, which handles its own signals for requeueing)."""
+    if d.world > 1 and not os.environ.get("SUBMITIT_EXECUTOR"):
+
+        def handler(signum, frame):
+            raise Terminated(f"signal {signal.Signals(signum).name}, sent to every rank once one fails")
+
+        signal.signal(signal.SIGTERM, handler)
+
+
+def ignore_sigterm() -> None:
+    """While a failure is being recorded; the process ends right after."""
+    if os.environ.get("SUBMITIT_EXECUTOR") is None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

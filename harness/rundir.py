@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_model, save_model
 
-from harness.fileio import fsync_tree
+from harness.fileio import atomic_write_json, fsync_tree
 
 
 class RunFileError(ValueError):
@@ -170,6 +171,32 @@ def read_metrics(run_dir: Path, upto_step: int) -> list[str]:
 
 def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------- failures on other ranks
+
+
+def note_rank_failure(run_dir: Path, rank: int, reason: str) -> None:
+    """A rank other than 0 leaves why it failed, for rank 0 to put in summary.json: the one file
+    such a rank writes."""
+    note = {"rank": rank, "reason": reason[:800], "time": time.time()}
+    atomic_write_json(Path(run_dir) / f".rank_{rank}.failed", note)
+
+
+def rank_failures(run_dir: Path, before: float = math.inf, clear: bool = False) -> list[tuple[int, str]]:
+    """(rank, reason) of the failure notes written before `before` (a time.time()), earliest
+    first: the ranks that failed before the caller did, not because it did. `clear` removes all."""
+    out = []
+    for p in Path(run_dir).glob(".rank_*.failed"):
+        try:
+            note = json.loads(p.read_text())
+            if float(note["time"]) < before:
+                out.append((float(note["time"]), int(note["rank"]), str(note["reason"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if clear:
+            p.unlink(missing_ok=True)
+    return [(r, why) for _, r, why in sorted(out)]
 
 
 # ---------------------------------------------------------------- checkpoints

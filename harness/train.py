@@ -36,6 +36,8 @@ from harness.rundir import (
     checkpoints,
     is_final,
     load_checkpoint,
+    note_rank_failure,
+    rank_failures,
     read_metrics,
     read_summary,
     save_checkpoint,
@@ -320,6 +322,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         torch.set_num_threads(run.train.threads)
     device = pick_device(run.train.device, d)
     dist.init(d, device)
+    dist.raise_on_sigterm(d)
     prev = on_main(d, lambda: read_summary(run_dir))
     if is_final(prev):
         _log_final(run_dir, prev, "already")
@@ -473,6 +476,7 @@ def _train_owned(s: Setup, lock: RunLock | None) -> dict[str, Any]:
     counts = flops.count(run.model, run.model.seq_len)
     summary = _start_summary(s, counts)
     w = Writer(run.run_dir, lock, summary) if d.main else Silent(summary)
+    on_main(d, lambda: rank_failures(run.run_dir, clear=True))  # notes of an earlier attempt
     w.write_summary()
     step = 0
     try:  # from here on, any failure is recorded in summary.json rather than leaving it "running"
@@ -485,7 +489,22 @@ def _train_owned(s: Setup, lock: RunLock | None) -> dict[str, Any]:
     except OwnershipLost:
         raise
     except BaseException as e:
+        if not d.main:
+            note_rank_failure(run.run_dir, d.rank, f"{type(e).__name__}: {e}")
+            raise
+        failed_at = time.time()
         _fail(summary, e, summary.get("steps_done", step))
+        if d.world > 1:
+            dist.ignore_sigterm()  # torchrun's SIGTERM must not cut the recording of this failure
+            notes = []
+            for _ in range(20):  # a failing rank writes its note before it exits: it is there or near
+                notes = rank_failures(run.run_dir, before=failed_at, clear=True)
+                if notes:
+                    break
+                time.sleep(0.05)
+            if notes:
+                r, why = notes[0]
+                summary["reason"] = f"rank {r} failed: {why}; rank 0 then stopped: {summary['reason']}"[:800]
         try:
             w.write_summary()
         except OwnershipLost:

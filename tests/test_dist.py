@@ -4,6 +4,7 @@ global batch, one writer, checkpoints that move between world sizes, bad splits 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,35 @@ def test_batch_split():
         batch_split(t, 3)
     with pytest.raises(ValueError, match="must divide train.batch_size"):
         compose(["train.batch_size=16", "train.micro_batch_size=3"])
+
+
+FAILING_RANK = """
+import harness.train as T
+
+real, calls = T._step, [0]
+
+
+def failing(s, *a):
+    calls[0] += 1
+    if s.d.rank == 1 and calls[0] == 5:
+        raise RuntimeError("injected failure on this rank")
+    return real(s, *a)
+
+
+T._step = failing
+T.main()
+"""
+
+
+def test_a_rank_that_raises_ends_every_rank_and_the_summary_names_it(tmp_path):
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    cmd = [*TORCHRUN[:-2], str(script), *FAST, f"results_dir={tmp_path / 'r'}", "model=llama_tiny",
+           "train.tokens=10240"]  # fmt: skip
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and time.monotonic() - t0 < 60
+    summary = json.loads((tmp_path / "r" / "default" / "r" / "summary.json").read_text())
+    assert summary["status"] == "failed", summary
+    assert summary["reason"].startswith("rank 1 failed: RuntimeError: injected failure on this rank"), summary
+    assert not list((tmp_path / "r" / "default" / "r").glob(".rank_*"))
