@@ -110,3 +110,12 @@ def ignore_sigterm() -> None:
     """While a failure is being recorded; the process ends right after."""
     if os.environ.get("SUBMITIT_EXECUTOR") is None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over every rank of the process group (itself when there is none)."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+    return x

@@ -579,6 +579,7 @@ def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
 
         net = DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
     loader = WindowLoader(s.data.train, run.model.seq_len, run.train.batch_size, run.train.seed)
+    after_step = getattr(model, "after_optimizer_step", None)
     t0, start_step = time.perf_counter(), p.step
     desc = f"{run.model.name} {run.sweep}/{run.run_name}"[:48]
     bar = tqdm(total=steps, initial=p.step, disable=not (run.train.progress and s.d.main), unit="step",
@@ -595,6 +596,8 @@ def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
             if run.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip)
             opt.step()
+            if after_step is not None:  # e.g. the MoE balance bias, moved by the global batch's load
+                after_step()
             p.step += 1
             loss_v = loss.item()
             diverged = div.train_loss(loss_v, p.step)
@@ -649,8 +652,11 @@ def _log_eval(s: Setup, w: Writer, model, p: Progress, div: Divergence, out, cou
         "wall_s": round(wall, 3),
         "tokens_per_s": round(tps, 1),
     }
-    rec.update({f"aux/{k}": float(v.detach()) for k, v in out.aux_losses.items()})
-    rec.update({f"metric/{k}": v.detach().float().cpu().tolist() for k, v in out.metrics.items()})
+    # the last micro batch's values, averaged over ranks (every rank reaches here at the same steps)
+    rec.update({f"aux/{k}": float(dist.mean(v.detach(), s.d)) for k, v in out.aux_losses.items()})
+    rec.update(
+        {f"metric/{k}": dist.mean(v.detach().float(), s.d).cpu().tolist() for k, v in out.metrics.items()}
+    )
     if is_eval:
         p.last_val = rec["val_loss"] = evaluate(model, s)
         eta_s = (steps - p.step) * tokens_per_step / max(tps, 1e-9)

@@ -41,16 +41,37 @@ def worst_rel(a: list[dict], b: list[dict], upto: int | None = None) -> float:
     return max(abs(x - y) / abs(x) for x, y in pairs)
 
 
-@pytest.mark.parametrize("model", ["llama_tiny", "mamba_tiny"])
-def test_two_ranks_and_accumulation_match_one_process(tmp_path, model):
-    budget = [f"model={model}", "train.tokens=10240"]  # 20 steps of 8 x 64 tokens
+LOSS_FREE = ["model=loss_free", "model.d_model=32", "model.n_layers=2", "model.seq_len=64"]
+
+
+@pytest.mark.parametrize(
+    "model,accum_too",
+    [
+        (["model=llama_tiny"], True),
+        (["model=mamba_tiny"], True),
+        (LOSS_FREE, True),
+        (["model=moe_tiny"], False),
+    ],
+    ids=["llama", "mamba", "moe-loss-free-bias", "moe-balance-loss"],
+)
+def test_two_ranks_and_accumulation_match_one_process(tmp_path, model, accum_too):
+    """The MoE balance loss counts expert choices over every rank, but a micro batch cannot see the
+    micro batches after it: with accumulation that loss, and only it, is per micro batch."""
+    budget = [*model, "train.tokens=10240"]  # 20 steps of 8 x 64 tokens
     one_process(tmp_path / "one", *budget)
-    one_process(tmp_path / "accum", *budget, "train.micro_batch_size=4")  # 2 accumulation steps
     r = torchrun(tmp_path / "two", *budget)
     assert r.returncode == 0, r.stderr[-3000:]
-    one, accum, two = (metrics(tmp_path / k) for k in ("one", "accum", "two"))
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [x["step"] for x in two] == list(range(1, 21))  # rank 0 alone wrote, each step once
-    assert worst_rel(one, two) < 1e-4 and worst_rel(one, accum) < 1e-4
+    assert worst_rel(one, two) < 1e-4
+    summary = json.loads((tmp_path / "two" / "default" / "r" / "summary.json").read_text())
+    assert (
+        summary["world_size"] == 2 and summary["micro_batch_size"] == 4 and summary["grad_accum_steps"] == 1
+    )
+    assert summary["tokens"] == 20 * 8 * 64  # the global batch is what the bookkeeping counts
+    if accum_too:
+        one_process(tmp_path / "accum", *budget, "train.micro_batch_size=4")  # 2 accumulation steps
+        assert worst_rel(one, metrics(tmp_path / "accum")) < 1e-4
     summary = json.loads((tmp_path / "two" / "default" / "r" / "summary.json").read_text())
     assert (
         summary["world_size"] == 2 and summary["micro_batch_size"] == 4 and summary["grad_accum_steps"] == 1

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness import dist
 from harness.layers import (
     LM,
     MLP,
@@ -153,6 +154,7 @@ class MoEMLP(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(E))
         else:
             self.expert_bias = None
+        self.pending_load_E: torch.Tensor | None = None  # this optimizer step's load, all micro batches
         self.reference = False  # tests flip this to the per-expert loop
         self.last_aux: dict[str, torch.Tensor] = {}
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -171,8 +173,9 @@ class MoEMLP(nn.Module):
                 logits_NE, cfg.router, cfg.top_k, B, cfg.capacity_factor, cfg.router_renorm, noise_std,
                 self.expert_bias,
             )  # fmt: skip
-            if self.expert_bias is not None and self.training:
-                self._update_bias(r["load_E"])  # hard counts before capacity for every biased router
+            if self.expert_bias is not None and self.training:  # hard counts before capacity
+                load = r["load_E"].detach()
+                self.pending_load_E = load if self.pending_load_E is None else self.pending_load_E + load
         routed = (x_ND, self.w_up, self.w_down, r["tok_A"], r["exp_A"], r["gate_A"])
         if self.reference:
             y_ND = dispatch.expert_mlp_ref(*routed)
@@ -184,8 +187,9 @@ class MoEMLP(nn.Module):
 
         aux = {}
         if cfg.load_balance_weight > 0:
+            # f counts every rank's choices (a global-batch balance, as one process would see)
             aux["load_balance"] = cfg.load_balance_weight * dispatch.load_balance_loss(
-                r["probs_NE"], r["chosen_NE"]
+                r["probs_NE"], r["chosen_NE"], reduce=dist.sum_over_ranks if self.training else None
             )
         if cfg.z_loss_weight > 0:
             aux["z_loss"] = cfg.z_loss_weight * dispatch.z_loss(logits_NE)
@@ -204,15 +208,26 @@ class MoEMLP(nn.Module):
         return y_ND.view(B, T, D)
 
     @torch.no_grad()
-    def _update_bias(self, load_E: torch.Tensor) -> None:
-        """Wang et al. 2024, Algorithm 1: b_i += u * sign(mean load - load_i), from this batch's
-        choices before capacity. The new bias routes the next step: a token's routing never
-        depends on later tokens of its own batch, so the model stays causal."""
+    def after_optimizer_step(self) -> None:
+        """Wang et al. 2024, Algorithm 1: b_i += u * sign(mean load - load_i), from the choices
+        before capacity of the whole global batch (every micro batch, every rank), so all ranks
+        hold the same bias and it moves as in one process. The new bias routes the next step: a
+        token's routing never depends on later tokens of its own batch, so the model stays causal."""
+        if self.pending_load_E is None:
+            return
+        load_E = dist.sum_over_ranks(self.pending_load_E)
         self.expert_bias += self.cfg.balance_bias_rate * torch.sign(load_E.mean() - load_E)
+        self.pending_load_E = None
 
 
 class MoELM(LM):
-    """The shared backbone, plus per-layer routing statistics stacked into the output metrics."""
+    """The shared backbone, plus per-layer routing statistics stacked into the output metrics.
+    A training loop calls `after_optimizer_step()` after each optimizer step (harness-train does)."""
+
+    def after_optimizer_step(self) -> None:
+        for m in self.modules():
+            if isinstance(m, MoEMLP):
+                m.after_optimizer_step()
 
     def forward(self, idx_BT: torch.Tensor) -> LMOutput:
         out = super().forward(idx_BT)

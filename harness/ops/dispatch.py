@@ -442,12 +442,17 @@ def route(
     return out
 
 
-def load_balance_loss(probs_NE: torch.Tensor, chosen_NE: torch.Tensor) -> torch.Tensor:
+def load_balance_loss(probs_NE: torch.Tensor, chosen_NE: torch.Tensor, reduce=None) -> torch.Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4): E * sum_i f_i P_i with
     f_i the fraction of routing choices that picked expert i (top-k: divided by N k) and P_i the
-    mean router probability of expert i. Equals 1 at uniform routing, its minimum when f = P."""
+    mean router probability of expert i. Equals 1 at uniform routing, its minimum when f = P.
+    `reduce` sums the choice counts over data-parallel ranks (f carries no gradient), so the mean
+    of the ranks' losses is the loss of their union."""
     E = probs_NE.shape[-1]
-    f_E = chosen_NE.sum(0) / chosen_NE.sum()
+    counts_E = chosen_NE.sum(0).float()
+    if reduce is not None:
+        counts_E = reduce(counts_E.detach())
+    f_E = counts_E / counts_E.sum()
     P_E = probs_NE.mean(0)
     return E * (f_E * P_E).sum()
 

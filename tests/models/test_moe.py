@@ -35,7 +35,7 @@ def _fast_and_loop_agree(c: MoEConfig, dtype, rtol, atol):
     """Logits and every parameter gradient of one model, with the fast dispatch and with the loop."""
     torch.manual_seed(0)
     model = build_model(c).to(dtype)
-    if c.balance_bias_rate:  # a bias that changes the routing; each training forward then moves it
+    if c.balance_bias_rate:  # a bias that changes the routing
         for m in model.modules():
             if isinstance(m, MoEMLP):
                 m.expert_bias.uniform_(-0.3, 0.3)
@@ -127,8 +127,9 @@ def test_token_choice_is_causal(kw):
     c = cfg(**kw)
     torch.manual_seed(0)
     model = build_model(c)
-    if c.balance_bias_rate:  # give the bias values to route by
+    if c.balance_bias_rate:  # give the bias values to route by: one step's load moves it
         model(torch.randint(0, c.vocab_size, (2, 16)))
+        model.after_optimizer_step()
         assert any(m.expert_bias.abs().sum() > 0 for m in model.modules() if isinstance(m, MoEMLP))
     model.eval()
     idx = torch.randint(0, c.vocab_size, (2, 16))
@@ -237,6 +238,7 @@ def _train(c: MoEConfig, steps: int, seed: int = 0):
         opt.zero_grad()
         (loss + sum(out.aux_losses.values())).backward()
         opt.step()
+        model.after_optimizer_step()
         losses.append(loss.item())
     return losses, out
 
@@ -264,8 +266,9 @@ def _bias_of(model) -> torch.Tensor:
 
 
 def test_loss_free_bias_moves_by_the_sign_rule_in_training_only():
-    """Wang et al. 2024: b_i += u sign(mean load - load_i) after each training forward; eval routes
-    with the bias but leaves it alone. The bias is a buffer, so checkpoints carry it."""
+    """Wang et al. 2024: b_i += u sign(mean load - load_i) after each optimizer step, from the
+    step's training forwards; eval routes with the bias but leaves it alone. The bias is a buffer,
+    so checkpoints carry it."""
     c = cfg(n_layers=1, router="softmax_topk", balance_bias_rate=0.01)
     torch.manual_seed(0)
     model = build_model(c)
@@ -275,10 +278,12 @@ def test_loss_free_bias_moves_by_the_sign_rule_in_training_only():
     out = model(idx)
     load = out.metrics["expert_load"][0] * idx.numel()  # choices per expert in this batch
     expected = b0[0] + 0.01 * torch.sign(load.mean() - load)
+    model.after_optimizer_step()
     torch.testing.assert_close(_bias_of(model)[0], expected)
     model.eval()
     with torch.no_grad():
         model(idx)
+    model.after_optimizer_step()
     torch.testing.assert_close(_bias_of(model)[0], expected)
 
 
@@ -323,3 +328,23 @@ def test_loss_free_balancing_evens_out_the_load(router):
 
     without, with_bias = load_cv(0.0), load_cv(0.01)
     assert with_bias < 0.6 * without  # measured ratios 0.20-0.52
+
+
+def test_balance_bias_moves_once_per_optimizer_step_by_the_whole_batch():
+    """Two micro batches then one update move the bias as one forward of their union does."""
+    c = cfg(router="softmax_topk", balance_bias_rate=0.05)
+    torch.manual_seed(0)
+    split, whole = build_model(c), build_model(c)
+    whole.load_state_dict(split.state_dict())
+    idx = torch.randint(0, c.vocab_size, (4, 16))
+    split(idx[:2]), split(idx[2:])
+    whole(idx)
+    for model in (split, whole):
+        for m in model.modules():
+            if isinstance(m, MoEMLP):
+                assert m.expert_bias.abs().sum() == 0  # nothing moves before the step
+                m.after_optimizer_step()
+    for a, b in zip(split.modules(), whole.modules(), strict=True):
+        if isinstance(a, MoEMLP):
+            assert a.expert_bias.abs().sum() > 0
+            torch.testing.assert_close(a.expert_bias, b.expert_bias, rtol=0, atol=0)
