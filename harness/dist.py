@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +22,7 @@ import torch.distributed as tdist
 # A rank that dies leaves the others blocked in a collective; torchrun and srun's --kill-on-bad-exit
 # end them, and this bounds the wait where neither does.
 TIMEOUT = timedelta(minutes=5)
+CONTROL_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -55,17 +57,26 @@ def export_from_submitit() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+_CONTROL: tdist.ProcessGroup | None = None  # rank 0's decisions and results travel here
+
+
 def init(d: Dist, device: torch.device) -> None:
-    """Joins the process group (once) for a world size above 1."""
+    """Joins the process group (once) for a world size above 1. Each CUDA rank binds its own GPU
+    before any collective, or NCCL would put every rank's traffic on GPU 0."""
+    global _CONTROL
     if d.world == 1 or tdist.is_initialized():
         return
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise ValueError(
-                f"{d.world} ranks but {var} is not set: launch with torchrun, or set it for srun"
-            )
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    tdist.init_process_group(backend, rank=d.rank, world_size=d.world, timeout=TIMEOUT)
+            raise ValueError(f"{d.world} ranks but {var} is not set: launch with torchrun, or export it")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        tdist.init_process_group("nccl", rank=d.rank, world_size=d.world, timeout=TIMEOUT, device_id=device)
+    else:
+        tdist.init_process_group("gloo", rank=d.rank, world_size=d.world, timeout=TIMEOUT)
+    # Rank 0 alone tokenizes a new corpus, waits for a busy owner or writes a checkpoint while the
+    # others wait for its word: on CPU (gloo), with a wait as long as that work may take.
+    _CONTROL = tdist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
 def mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -82,13 +93,13 @@ def broadcast(obj, d: Dist):
     if d.world == 1:
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=0)
+    tdist.broadcast_object_list(box, src=0, group=_CONTROL)
     return box[0]
 
 
 def barrier(d: Dist) -> None:
     if d.world > 1:
-        tdist.barrier()
+        tdist.barrier(group=_CONTROL)
 
 
 class Terminated(BaseException):
@@ -98,7 +109,8 @@ class Terminated(BaseException):
 
 def raise_on_sigterm(d: Dist) -> None:
     """Under torchrun (not submitit, which handles its own signals for requeueing)."""
-    if d.world > 1 and not os.environ.get("SUBMITIT_EXECUTOR"):
+    main_thread = threading.current_thread() is threading.main_thread()
+    if d.world > 1 and not os.environ.get("SUBMITIT_EXECUTOR") and main_thread:
 
         def handler(signum, frame):
             raise Terminated(f"signal {signal.Signals(signum).name}, sent to every rank once one fails")
@@ -108,7 +120,7 @@ def raise_on_sigterm(d: Dist) -> None:
 
 def ignore_sigterm() -> None:
     """While a failure is being recorded; the process ends right after."""
-    if os.environ.get("SUBMITIT_EXECUTOR") is None:
+    if os.environ.get("SUBMITIT_EXECUTOR") is None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -66,13 +68,18 @@ def lr_at(step: int, steps: int, o: OptimConfig) -> float:
 
 
 def pick_device(spec: str, d: dist.Dist | None = None) -> torch.device:
+    """The device of this rank: with several ranks, CUDA means cuda:LOCAL_RANK (modulo the GPUs this
+    process sees: a task bound to one GPU sees it as cuda:0)."""
+    d = d or dist.Dist()
     if spec == "auto":
-        if torch.cuda.is_available():  # a task bound to one GPU sees it as cuda:0
-            return torch.device("cuda", (d.local_rank if d else 0) % torch.cuda.device_count())
-        return torch.device("cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={spec!r} but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", d.local_rank % torch.cuda.device_count() if d.world > 1 else 0)
+    if dev.type == "cuda" and d.world > 1:
+        raise ValueError(f"train.device={spec!r} puts every rank on one GPU; use train.device=cuda (or auto)")
     return dev
 
 
@@ -113,8 +120,13 @@ def evaluate(model, s: Setup) -> float:
     for x, y in val_batches(s.data, run.model.seq_len, run.train.batch_size, run.train.eval_batches):
         n = x.shape[0] // d.world
         x, y = x[d.rank * n : (d.rank + 1) * n], y[d.rank * n : (d.rank + 1) * n]
-        with s.autocast():
-            total += dist.mean(lm_loss(model(x.to(s.device)).logits, y.to(s.device)), d).item()
+        parts = []
+        for i in range(0, n, s.micro):  # no larger than a training forward, which is what fits
+            with s.autocast():
+                xi, yi = x[i : i + s.micro].to(s.device), y[i : i + s.micro].to(s.device)
+                parts.append(lm_loss(model(xi).logits, yi))
+        loss = parts[0] if len(parts) == 1 else torch.stack(parts).mean()
+        total += dist.mean(loss, d).item()
     model.train()
     return total / run.train.eval_batches
 
@@ -221,6 +233,47 @@ class Divergence:
 # ---------------------------------------------------------------- setup
 
 
+class Preemption:
+    """Slurm's warning signal before a time limit or a preemption, in a job of the submitit launcher.
+    submitit's handler would requeue the job at once, losing the steps since the last checkpoint;
+    this one only notes the signal. The loop checkpoints at the next step boundary, the run gives up
+    its directory, and then submitit's handler requeues the job as before."""
+
+    def __init__(self) -> None:
+        self.pending: tuple | None = None
+        self.original = None
+        if (
+            os.environ.get("SUBMITIT_EXECUTOR") != "slurm"
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return
+        from submitit.core.job_environment import JobEnvironment
+
+        sig = JobEnvironment._usr_sig()
+        self.original = signal.getsignal(sig)
+        if callable(self.original):
+            signal.signal(sig, self._note)
+
+    def _note(self, signum, frame) -> None:
+        log.warning("got %s: checkpointing at the next step boundary, then requeueing",
+                    signal.Signals(signum).name)  # fmt: skip
+        self.pending = (signum, frame)
+
+    def requested(self, d: dist.Dist, device: torch.device) -> bool:
+        """Whether any rank got the signal (every rank must stop at the same step)."""
+        if self.original is None:
+            return False
+        if d.world == 1:
+            return self.pending is not None
+        flag = torch.tensor(float(self.pending is not None), device=device)  # NCCL reduces GPU tensors
+        return bool(dist.sum_over_ranks(flag) > 0)
+
+    def hand_over(self) -> None:
+        """submitit's own handler: requeues the job (rank 0) and exits."""
+        if self.pending is not None and callable(self.original):
+            self.original(*self.pending)
+
+
 @dataclass
 class Setup:
     """What every rank knows before the first step."""
@@ -231,6 +284,7 @@ class Setup:
     data: Any
     micro: int  # sequences per forward pass on one rank
     accum: int  # forward passes per optimizer step on one rank
+    preempt: Preemption | None = None
 
     @property
     def autocast(self):
@@ -258,7 +312,7 @@ def on_main(d: dist.Dist, fn):
     if d.main:
         try:
             out = ("ok", fn())
-        except Exception as e:  # the others must not wait forever for a result that never comes
+        except BaseException as e:  # the others must not wait forever for a result that never comes
             dist.broadcast(("err", f"{type(e).__name__}: {e}"), d)
             raise
     tag, value = dist.broadcast(out, d)
@@ -301,11 +355,16 @@ def restore(s: Setup, run_dir: Path):
         return None, None
 
     model, opt = fresh()
-    ckpt, st = pick() if s.d.main else (None, None)
-    ckpt = dist.broadcast(str(ckpt) if ckpt else None, s.d)
-    if ckpt and not s.d.main:
-        st = load_checkpoint(Path(ckpt), model, opt)
-    return model, opt, st
+    picked: dict[str, Any] = {}
+
+    def pick_path() -> str | None:
+        ckpt, picked["st"] = pick()
+        return str(ckpt) if ckpt else None
+
+    ckpt = on_main(s.d, pick_path)  # a checkpoint rank 0 cannot load stops every rank
+    if s.d.main:
+        return model, opt, picked["st"]
+    return model, opt, load_checkpoint(Path(ckpt), model, opt) if ckpt else None
 
 
 def train(run: RunConfig) -> dict[str, Any]:
@@ -315,6 +374,10 @@ def train(run: RunConfig) -> dict[str, Any]:
     (`harness.owner`). Another live owner makes this call fail, skip or wait (train.if_busy);
     skipping returns {"status": "busy", ...}."""
     d, run_dir = dist.from_env(), run.run_dir
+    prev = read_summary(run_dir) if d.world == 1 else None  # before anything that could refuse
+    if is_final(prev):
+        _log_final(run_dir, prev, "already")
+        return prev
     micro, accum = batch_split(run.train, d.world)
     if d.world > 1 and run.train.parallel == "none":
         raise ValueError(f"{d.world} ranks need train.parallel=ddp (or auto)")
@@ -323,10 +386,11 @@ def train(run: RunConfig) -> dict[str, Any]:
     device = pick_device(run.train.device, d)
     dist.init(d, device)
     dist.raise_on_sigterm(d)
-    prev = on_main(d, lambda: read_summary(run_dir))
-    if is_final(prev):
-        _log_final(run_dir, prev, "already")
-        return prev
+    if d.world > 1:
+        prev = on_main(d, lambda: read_summary(run_dir))
+        if is_final(prev):
+            _log_final(run_dir, prev, "already")
+            return prev
     # before anything is written: a bad corpus leaves no run directory; rank 0 tokenizes, the
     # others then find the cache
     prepared = {}
@@ -342,11 +406,15 @@ def train(run: RunConfig) -> dict[str, Any]:
     if not on_main(d, lambda: lock.acquire(run.train.if_busy)):
         owner = read_owner(run_dir)
         return {"status": "busy", "run": run.run_name, "reason": owner.describe() if owner else ""}
+    setup = Setup(run, d, device, data, micro, accum, Preemption())
     try:
-        return _train_owned(Setup(run, d, device, data, micro, accum), lock)
+        summary = _train_owned(setup, lock)
     finally:
         if lock is not None:
             lock.release()
+    if summary.get("preempted_at"):  # after the release, so the requeued job finds the run free
+        setup.preempt.hand_over()
+    return summary
 
 
 def _log_final(run_dir: Path, summary: dict[str, Any], when: str) -> None:
@@ -489,13 +557,14 @@ def _train_owned(s: Setup, lock: RunLock | None) -> dict[str, Any]:
     except OwnershipLost:
         raise
     except BaseException as e:
+        failed_at = time.time()
+        if d.world > 1:
+            dist.ignore_sigterm()  # torchrun's SIGTERM must not cut the recording of this failure
         if not d.main:
             note_rank_failure(run.run_dir, d.rank, f"{type(e).__name__}: {e}")
             raise
-        failed_at = time.time()
         _fail(summary, e, summary.get("steps_done", step))
         if d.world > 1:
-            dist.ignore_sigterm()  # torchrun's SIGTERM must not cut the recording of this failure
             notes = []
             for _ in range(20):  # a failing rank writes its note before it exits: it is there or near
                 notes = rank_failures(run.run_dir, before=failed_at, clear=True)
@@ -577,7 +646,9 @@ def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
     if s.d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+        # the buffers (RoPE tables, the MoE balance bias) are equal on every rank by construction
+        net = DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda" else None,
+                                      broadcast_buffers=False)  # fmt: skip
     loader = WindowLoader(s.data.train, run.model.seq_len, run.train.batch_size, run.train.seed)
     after_step = getattr(model, "after_optimizer_step", None)
     t0, start_step = time.perf_counter(), p.step
@@ -616,12 +687,19 @@ def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
                 log.error("%s: %s", run.run_dir, diverged)
                 break
             # checkpoint; an early stop (train.stop_after_steps) behaves like a preemption
-            stop_now = run.train.stop_after_steps and p.step - start_step >= run.train.stop_after_steps
+            preempted = s.preempt is not None and s.preempt.requested(s.d, s.device)
+            stop_now = preempted or (
+                run.train.stop_after_steps and p.step - start_step >= run.train.stop_after_steps
+            )
             if p.step == steps or stop_now or (run.train.ckpt_every and p.step % run.train.ckpt_every == 0):
                 w.checkpoint(model, opt, p.step, {**p.state(wall), **div.state()}, run.train.keep_checkpoints)
             if stop_now and p.step < steps:
-                log.info("stopping after %d steps as asked (train.stop_after_steps); resumable",
-                         p.step - start_step)  # fmt: skip
+                if preempted:
+                    summary["preempted_at"] = p.step
+                    log.warning("preempted: checkpointed at step %d; requeueing", p.step)
+                else:
+                    log.info("stopping after %d steps as asked (train.stop_after_steps); resumable",
+                             p.step - start_step)  # fmt: skip
                 summary.update(wall_s=wall, steps_done=p.step)
                 return
     finally:

@@ -157,3 +157,9 @@ def test_a_rank_that_raises_ends_every_rank_and_the_summary_names_it(tmp_path):
     assert summary["status"] == "failed", summary
     assert summary["reason"].startswith("rank 1 failed: RuntimeError: injected failure on this rank"), summary
     assert not list((tmp_path / "r" / "default" / "r").glob(".rank_*"))
+
+
+def test_a_sweep_under_torchrun_is_refused(tmp_path):
+    r = subprocess.run([*TORCHRUN, "-m", *FAST, f"results_dir={tmp_path}", "model=llama_tiny,gpt2_tiny",
+                        "train.tokens=10240"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode != 0 and "a sweep (-m) under torchrun is refused" in r.stderr

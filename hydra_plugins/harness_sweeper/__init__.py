@@ -21,6 +21,7 @@ submitit_slurm_open`, the schema `conf/hydra/launcher/slurm.yaml` extends.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,6 +143,12 @@ class HarnessSweeper(BasicSweeper):
         from harness.rundir import is_final, read_summary
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # every rank would run its own sweeper and the ranks could drift apart run by run
+            raise HydraException(
+                "a sweep (-m) under torchrun is refused: launch one run per torchrun, or run the sweep "
+                "with hydra/launcher=slurm and hydra.launcher.tasks_per_node=N"
+            )
         check_slurm_options(self.config.hydra.launcher)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         parsed = parser.parse_overrides(self._parse_config() + list(arguments))
