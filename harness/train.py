@@ -637,20 +637,38 @@ class Progress:
                 "last_train": self.last_train}  # fmt: skip
 
 
+def _wrap(s: Setup, model):
+    """The module the step runs: DDP around the model when there are several ranks."""
+    if s.d.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # the buffers (RoPE tables, the MoE balance bias) are equal on every rank by construction
+    device_ids = [s.device.index] if s.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _update(s: Setup, net, model, opt, batch, lr: float) -> tuple[torch.Tensor, Any]:
+    """One optimizer update on the global batch: (mean train loss over ranks, last output)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss, out = _step(s, net, *batch)
+    if s.run.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.run.optim.grad_clip)
+    opt.step()
+    after_step = getattr(model, "after_optimizer_step", None)
+    if after_step is not None:  # e.g. the MoE balance bias, moved by the global batch's load
+        after_step()
+    return loss, out
+
+
 def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
     """The step loop; updates `w.summary` in place (steps_done, status, final numbers)."""
     run, summary = s.run, w.summary
     steps, tokens_per_step = run.steps, run.train.batch_size * run.model.seq_len
-    p, div = Progress.resumed(st), Divergence(run, st)
-    net = model
-    if s.d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # the buffers (RoPE tables, the MoE balance bias) are equal on every rank by construction
-        net = DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda" else None,
-                                      broadcast_buffers=False)  # fmt: skip
+    p, div, net = Progress.resumed(st), Divergence(run, st), _wrap(s, model)
     loader = WindowLoader(s.data.train, run.model.seq_len, run.train.batch_size, run.train.seed)
-    after_step = getattr(model, "after_optimizer_step", None)
     t0, start_step = time.perf_counter(), p.step
     desc = f"{run.model.name} {run.sweep}/{run.run_name}"[:48]
     bar = tqdm(total=steps, initial=p.step, disable=not (run.train.progress and s.d.main), unit="step",
@@ -658,49 +676,22 @@ def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
     try:
         while p.step < steps:
             w.check()
-            # step: one optimizer update on the global batch
             lr = lr_at(p.step, steps, run.optim)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            loss, out = _step(s, net, *loader.batch(p.step))
-            if run.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip)
-            opt.step()
-            if after_step is not None:  # e.g. the MoE balance bias, moved by the global batch's load
-                after_step()
+            loss, out = _update(s, net, model, opt, loader.batch(p.step), lr)
             p.step += 1
             loss_v = loss.item()
             diverged = div.train_loss(loss_v, p.step)
+            if not diverged:
+                p.loss_acc, p.loss_n = p.loss_acc + loss_v, p.loss_n + 1
+                wall = p.wall_prev + time.perf_counter() - t0
+                tps = (p.step - start_step) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                bar.update(1)
+                diverged = _log_eval(s, w, model, p, div, out, counts, lr, wall, tps)
             if diverged:
                 summary.update(status="failed", reason=diverged)
                 log.error("%s: %s", run.run_dir, diverged)
                 break
-            p.loss_acc, p.loss_n = p.loss_acc + loss_v, p.loss_n + 1
-            wall = p.wall_prev + time.perf_counter() - t0
-            tps = (p.step - start_step) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-            bar.update(1)
-            # log and evaluate
-            diverged = _log_eval(s, w, model, p, div, out, counts, lr, wall, tps)
-            if diverged:
-                summary.update(status="failed", reason=diverged)
-                log.error("%s: %s", run.run_dir, diverged)
-                break
-            # checkpoint; an early stop (train.stop_after_steps) behaves like a preemption
-            preempted = s.preempt is not None and s.preempt.requested(s.d, s.device)
-            stop_now = preempted or (
-                run.train.stop_after_steps and p.step - start_step >= run.train.stop_after_steps
-            )
-            if p.step == steps or stop_now or (run.train.ckpt_every and p.step % run.train.ckpt_every == 0):
-                w.checkpoint(model, opt, p.step, {**p.state(wall), **div.state()}, run.train.keep_checkpoints)
-            if stop_now and p.step < steps:
-                if preempted:
-                    summary["preempted_at"] = p.step
-                    log.warning("preempted: checkpointed at step %d; requeueing", p.step)
-                else:
-                    log.info("stopping after %d steps as asked (train.stop_after_steps); resumable",
-                             p.step - start_step)  # fmt: skip
-                summary.update(wall_s=wall, steps_done=p.step)
+            if _checkpoint_or_stop(s, w, model, opt, p, div, wall, start_step):
                 return
     finally:
         bar.close()
@@ -711,6 +702,26 @@ def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
                    tokens_per_s=round(p.step * tokens_per_step / max(wall, 1e-9), 1))  # fmt: skip
     if summary["status"] == "running":
         summary.update(status="completed", final_val_loss=p.last_val, final_train_loss=p.last_train)
+
+
+def _checkpoint_or_stop(s: Setup, w: Writer, model, opt, p: Progress, div: Divergence, wall: float,
+                        start_step: int) -> bool:  # fmt: skip
+    """Checkpoints when due; True when the run stops here, resumable: Slurm's warning signal, or
+    train.stop_after_steps (which behaves like a preemption)."""
+    run, steps = s.run, s.run.steps
+    preempted = s.preempt is not None and s.preempt.requested(s.d, s.device)
+    stop_now = preempted or (run.train.stop_after_steps and p.step - start_step >= run.train.stop_after_steps)
+    if p.step == steps or stop_now or (run.train.ckpt_every and p.step % run.train.ckpt_every == 0):
+        w.checkpoint(model, opt, p.step, {**p.state(wall), **div.state()}, run.train.keep_checkpoints)
+    if not stop_now or p.step >= steps:
+        return False
+    if preempted:
+        w.summary["preempted_at"] = p.step
+        log.warning("preempted: checkpointed at step %d; requeueing", p.step)
+    else:
+        log.info("stopping after %d steps as asked (train.stop_after_steps); resumable", p.step - start_step)
+    w.summary.update(wall_s=wall, steps_done=p.step)
+    return True
 
 
 def _log_eval(s: Setup, w: Writer, model, p: Progress, div: Divergence, out, counts, lr, wall, tps) -> str:
