@@ -2,6 +2,7 @@
 global batch, one writer, checkpoints that move between world sizes, bad splits refused early."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -107,13 +108,17 @@ def test_checkpoint_moves_between_world_sizes(tmp_path, first):
     assert worst_rel(metrics(tmp_path / "straight"), metrics(tmp_path / "moved")) < 1e-4
 
 
-def test_a_global_batch_the_ranks_cannot_split_is_refused_before_any_compute(tmp_path):
-    r = torchrun(tmp_path / "bad", "model=llama_tiny", "train.tokens=10240", "train.batch_size=6",
-                 "train.micro_batch_size=2")  # fmt: skip
-    assert r.returncode != 0 and "not a multiple of 2 rank(s) x train.micro_batch_size=2" in r.stderr
-    assert not (tmp_path / "bad" / "default" / "r").exists()
-    r = torchrun(tmp_path / "none", "model=llama_tiny", "train.tokens=10240", "train.parallel=none")
-    assert r.returncode != 0 and "2 ranks need train.parallel=ddp" in r.stderr
+def test_a_global_batch_the_ranks_cannot_split_is_refused_before_any_compute(tmp_path, monkeypatch):
+    """Checked before the process group is joined, so one process posing as rank 0 of 2 shows it."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bad = compose([*FAST, f"results_dir={tmp_path}", "model=llama_tiny", "train.batch_size=6",
+                   "train.micro_batch_size=2"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"not a multiple of 2 rank\(s\) x train.micro_batch_size=2"):
+        train(bad)
+    with pytest.raises(ValueError, match="2 ranks need train.parallel=ddp"):
+        train(compose([*FAST, f"results_dir={tmp_path}", "model=llama_tiny", "train.parallel=none"]))
+    assert not (tmp_path / "default").exists()
 
 
 def test_batch_split():
@@ -160,6 +165,8 @@ def test_a_rank_that_raises_ends_every_rank_and_the_summary_names_it(tmp_path):
 
 
 def test_a_sweep_under_torchrun_is_refused(tmp_path):
-    r = subprocess.run([*TORCHRUN, "-m", *FAST, f"results_dir={tmp_path}", "model=llama_tiny,gpt2_tiny",
-                        "train.tokens=10240"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2"}  # what torchrun sets; refused before any rank talks
+    r = subprocess.run([sys.executable, "-m", "harness.train", "-m", *FAST, f"results_dir={tmp_path}",
+                        "model=llama_tiny,gpt2_tiny", "train.tokens=10240"], capture_output=True, text=True,
+                       timeout=300, env=env)  # fmt: skip
     assert r.returncode != 0 and "a sweep (-m) under torchrun is refused" in r.stderr
