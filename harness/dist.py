@@ -81,11 +81,7 @@ def init(d: Dist, device: torch.device) -> None:
 
 def mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     """The mean of a tensor over ranks (each rank's value weighs the same)."""
-    if d.world == 1:
-        return x
-    x = x.detach().clone()
-    tdist.all_reduce(x, op=tdist.ReduceOp.SUM)  # AVG is NCCL-only
-    return x / d.world
+    return x if d.world == 1 else sum_over_ranks(x) / d.world  # AVG is NCCL-only
 
 
 def broadcast(obj, d: Dist):
@@ -95,11 +91,6 @@ def broadcast(obj, d: Dist):
     box = [obj]
     tdist.broadcast_object_list(box, src=0, group=_CONTROL)
     return box[0]
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        tdist.barrier(group=_CONTROL)
 
 
 class Terminated(BaseException):

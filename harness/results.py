@@ -74,9 +74,7 @@ def _read_summary(d: Path) -> tuple[Summary | None, str | None]:
     try:
         s = load_summary(d)
     except RunFileError as e:
-        msg = str(e)
-        prefix = f"{d / 'summary.json'}: "
-        return None, msg[len(prefix) :] if msg.startswith(prefix) else msg
+        return None, e.why  # the row names the file
     except OSError as e:
         return None, f"unreadable ({e})"
     return (s, None) if s is not None else (None, "missing")

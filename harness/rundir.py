@@ -28,7 +28,12 @@ from harness.fileio import atomic_write_json, fsync_tree
 
 
 class RunFileError(ValueError):
-    """A run file that exists but does not hold what its schema says; names the file."""
+    """A run file that exists but does not hold what its schema says; names the file. `why` is the
+    reason alone, for callers that name the file themselves."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.why = why
 
 
 class Summary(BaseModel):
@@ -93,13 +98,13 @@ def _summary_json(run_dir: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints, deep nesting
-        raise RunFileError(f"{p}: not valid JSON ({e})"[:500]) from e
+        raise RunFileError(p, f"not valid JSON ({e})"[:500]) from e
     if not isinstance(raw, dict):
-        raise RunFileError(f"{p}: expected a JSON object, found {type(raw).__name__}")
+        raise RunFileError(p, f"expected a JSON object, found {type(raw).__name__}")
     try:
         Summary.model_validate(raw)
     except ValidationError as e:
-        raise RunFileError(f"{p}: {_first_error(e)}") from e
+        raise RunFileError(p, _first_error(e)) from e
     return raw
 
 
@@ -136,19 +141,21 @@ def parse_metrics(text: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]
             continue
         try:
             raw = json.loads(line)
-            if not isinstance(raw, dict):
-                raise RunFileError(f"expected a JSON object, found {type(raw).__name__}")
-            rec = MetricsRecord.model_validate(raw)
         except json.JSONDecodeError as e:
             bad.append((i, f"not valid JSON ({e.msg})"))
-        except RunFileError as e:
-            bad.append((i, str(e)))
-        except ValidationError as e:
-            bad.append((i, _first_error(e)))
+            continue
         except (ValueError, RecursionError) as e:  # integers past Python's digit limit, deep nesting
             bad.append((i, f"not valid JSON ({type(e).__name__})"))
-        else:
-            recs.append({**raw, **rec.model_dump(exclude_unset=True)})
+            continue
+        if not isinstance(raw, dict):
+            bad.append((i, f"expected a JSON object, found {type(raw).__name__}"))
+            continue
+        try:
+            rec = MetricsRecord.model_validate(raw)
+        except ValidationError as e:
+            bad.append((i, _first_error(e)))
+            continue
+        recs.append({**raw, **rec.model_dump(exclude_unset=True)})
     return recs, bad
 
 
@@ -167,10 +174,6 @@ def read_metrics(run_dir: Path, upto_step: int) -> list[str]:
             break
         kept.append(line)
     return kept
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ---------------------------------------------------------------- failures on other ranks

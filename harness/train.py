@@ -332,13 +332,15 @@ def restore(s: Setup, run_dir: Path):
         model = build_model(run.model).to(s.device)
         return model, make_optimizer(model, run.optim)
 
-    def pick():
+    def pick() -> str | None:
+        """On rank 0: loads the newest checkpoint that loads into `picked`; returns its path."""
         nonlocal model, opt
         ckpts = checkpoints(run_dir)
         while ckpts:
             ckpt = ckpts.pop()
             try:
-                return ckpt, load_checkpoint(ckpt, model, opt)
+                picked["st"] = load_checkpoint(ckpt, model, opt)
+                return str(ckpt)
             except CheckpointError as e:
                 before = (
                     f"the previous checkpoint {ckpts[-1].name}"
@@ -352,18 +354,13 @@ def restore(s: Setup, run_dir: Path):
                     ) from e
                 log.warning("%s; set aside as %s, resuming from %s", e, set_aside(ckpt), before)
                 model, opt = fresh()  # a failed load may have changed some weights already
-        return None, None
+        return None
 
     model, opt = fresh()
     picked: dict[str, Any] = {}
-
-    def pick_path() -> str | None:
-        ckpt, picked["st"] = pick()
-        return str(ckpt) if ckpt else None
-
-    ckpt = on_main(s.d, pick_path)  # a checkpoint rank 0 cannot load stops every rank
+    ckpt = on_main(s.d, pick)  # a checkpoint rank 0 cannot load stops every rank
     if s.d.main:
-        return model, opt, picked["st"]
+        return model, opt, picked.get("st")
     return model, opt, load_checkpoint(Path(ckpt), model, opt) if ckpt else None
 
 
