@@ -150,7 +150,8 @@ class TrainConfig:
     keep_checkpoints: int = 1  # newest checkpoints kept; 2 leaves skip-broken somewhere to go
     # Several ranks (torchrun, or Slurm tasks): batch_size stays the global batch; each rank takes
     # its share in forward passes of micro_batch_size sequences (0: batch_size / world size, one pass),
-    # accumulating gradients, so the loss curve does not depend on either. parallel: auto | none | ddp.
+    # accumulating gradients, so the loss curve does not depend on either. parallel: auto (none on one
+    # rank, ddp above) | none | ddp | fsdp (harness.parallel).
     micro_batch_size: int = 0
     parallel: str = "auto"
 
@@ -160,8 +161,8 @@ class TrainConfig:
                 raise ValueError(f"train.{f} must be >= 1, got {getattr(self, f)}")
         if self.if_busy not in ("fail", "skip", "wait"):
             raise ValueError(f"train.if_busy must be fail, skip or wait, got {self.if_busy!r}")
-        if self.parallel not in ("auto", "none", "ddp"):
-            raise ValueError(f"train.parallel must be auto, none or ddp, got {self.parallel!r}")
+        if self.parallel not in ("auto", "none", "ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be auto, none, ddp or fsdp, got {self.parallel!r}")
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
             raise ValueError(
                 f"train.micro_batch_size={self.micro_batch_size} must divide train.batch_size={self.batch_size}"

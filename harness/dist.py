@@ -93,6 +93,15 @@ def broadcast(obj, d: Dist):
     return box[0]
 
 
+def gather_to_main(obj, d: Dist) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world if d.main else None
+    tdist.gather_object(obj, out, dst=0, group=_CONTROL)
+    return out
+
+
 class Terminated(BaseException):
     """SIGTERM, as torchrun sends to every rank once one has failed: raised so the run's failure
     handler records it, where the default action would end the process without a word."""
@@ -122,3 +131,14 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
     return x
+
+
+def sum_over_ranks_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """`sum_over_ranks` for a loss term: the backward sums gradients over ranks too, so each rank's
+    tokens get the gradient of the global-batch term, and DDP's average over ranks then gives what
+    one process computes."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, op=tdist.ReduceOp.SUM)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 from harness.fileio import atomic_write_json, fsync_tree
 
@@ -220,21 +220,27 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(
-    run_dir: Path, model, opt, step: int, state: dict[str, Any], keep: int = 1, before_publish=lambda: None
+    run_dir: Path,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    aliases: dict[str, str] | None = None,
+    keep: int = 1,
+    before_publish=lambda: None,
 ) -> None:
-    """Writes ckpt/step_<step>/ atomically, then removes all but the newest `keep` checkpoints.
-    `before_publish()` runs before the rename and before the pruning (an owner's check that it
-    still owns the run: writing can take long enough to lose it)."""
+    """Writes ckpt/step_<state["step"]>/ atomically: `weights` (a full state dict without the tied
+    aliases, `{dropped: kept}`) as model.safetensors, the rest (optimizer, step, RNG) as state.pt.
+    Then removes all but the newest `keep` checkpoints. `before_publish()` runs before the rename
+    and before the pruning (an owner's check that it still owns the run: writing can take long
+    enough to lose it)."""
     ckpt = Path(run_dir) / "ckpt"
     for stale in ckpt.glob(".tmp_step_*"):  # left by a killed attempt; the caller owns the run
         shutil.rmtree(stale, ignore_errors=True)
+    step = int(state["step"])
     tmp = ckpt / f".tmp_step_{step:08d}.{os.getpid()}"
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    rng = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():  # noisy routers draw on the CUDA generator
-        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": opt.state_dict(), "step": step, **rng, **state}, tmp / "state.pt")
+    # the same file safetensors' save_model writes, which load_model reads back tied
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", **(aliases or {})})
+    torch.save(state, tmp / "state.pt")
     fsync_tree(tmp)  # the rename below must not publish files whose data is still in the page cache
     final = ckpt / f"step_{step:08d}"
     before_publish()
@@ -255,24 +261,37 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e)
 
 
-def load_checkpoint(path: Path, model, opt) -> dict[str, Any]:
-    """Restores model, optimizer and RNG state; `CheckpointError` names the file that failed."""
+def load_checkpoint(path: Path, model, opt, rank: int = 0) -> dict[str, Any]:
+    """Restores model, optimizer and this rank's RNG state, and returns the rest of state.pt (step,
+    the loop's numbers); `CheckpointError` names the file that failed."""
     path = Path(path)
     try:
         load_model(model, str(path / "model.safetensors"))
         # on the CPU: a run may resume on fewer GPUs or none; the optimizer moves state to its params
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        step = int(state["step"])
+        state["step"] = int(state["step"])
+        _restore_rng(state, rank)
     except Exception as e:
         if _transient(e):  # the checkpoint may be fine: never let skip-broken set it aside for this
             raise
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}"[:800]) from e
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"][: torch.cuda.device_count()])
-    state["step"] = step
     return state
+
+
+def _restore_rng(state: dict[str, Any], rank: int) -> None:
+    """Rank 0's state is at the top level (as a one-process run writes it), the others' in
+    `rank_rng`. A rank the checkpoint has no state for (written at a smaller world size) keeps the
+    fresh seed it started with."""
+    if rank == 0:
+        own = state
+    elif rank - 1 < len(state.get("rank_rng") or ()):
+        own = state["rank_rng"][rank - 1]
+    else:
+        return
+    torch.set_rng_state(own["torch_rng"])
+    if own.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(own["cuda_rng"][: torch.cuda.device_count()])
 
 
 def set_aside(ckpt: Path) -> Path:

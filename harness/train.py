@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from harness import dist, flops
+from harness import dist, flops, parallel
 from harness.config import EXECUTION_ONLY, OptimConfig, RunConfig, TrainConfig, run_config_dict
 from harness.data import WindowLoader, check_windows, prepare, val_batches
 from harness.fileio import atomic_write_json, atomic_write_text
@@ -285,6 +285,7 @@ class Setup:
     micro: int  # sequences per forward pass on one rank
     accum: int  # forward passes per optimizer step on one rank
     preempt: Preemption | None = None
+    mode: str = "none"  # how the model spans the ranks (harness.parallel)
 
     @property
     def autocast(self):
@@ -328,8 +329,11 @@ def restore(s: Setup, run_dir: Path):
     run = s.run
 
     def fresh():
-        torch.manual_seed(run.train.seed)
-        model = build_model(run.model).to(s.device)
+        torch.manual_seed(run.train.seed)  # the same initial weights on every rank
+        # FSDP shards a whole model from the CPU onto the device (harness.parallel)
+        model = build_model(run.model).to("cpu" if s.mode == "fsdp" else s.device)
+        if s.d.rank:
+            torch.manual_seed(parallel.rank_seed(run.train.seed, s.d.rank))
         return model, make_optimizer(model, run.optim)
 
     def pick() -> str | None:
@@ -361,7 +365,7 @@ def restore(s: Setup, run_dir: Path):
     ckpt = on_main(s.d, pick)  # a checkpoint rank 0 cannot load stops every rank
     if s.d.main:
         return model, opt, picked.get("st")
-    return model, opt, load_checkpoint(Path(ckpt), model, opt) if ckpt else None
+    return model, opt, load_checkpoint(Path(ckpt), model, opt, s.d.rank) if ckpt else None
 
 
 def train(run: RunConfig) -> dict[str, Any]:
@@ -376,13 +380,14 @@ def train(run: RunConfig) -> dict[str, Any]:
         _log_final(run_dir, prev, "already")
         return prev
     micro, accum = batch_split(run.train, d.world)
-    if d.world > 1 and run.train.parallel == "none":
-        raise ValueError(f"{d.world} ranks need train.parallel=ddp (or auto)")
+    mode = parallel.choose(run.train.parallel, d.world)
     if run.train.threads:
         torch.set_num_threads(run.train.threads)
     device = pick_device(run.train.device, d)
     dist.init(d, device)
     dist.raise_on_sigterm(d)
+    if not d.main:  # one voice for progress; every rank still speaks up about trouble
+        logging.getLogger("harness").setLevel(logging.WARNING)
     if d.world > 1:
         prev = on_main(d, lambda: read_summary(run_dir))
         if is_final(prev):
@@ -403,7 +408,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     if not on_main(d, lambda: lock.acquire(run.train.if_busy)):
         owner = read_owner(run_dir)
         return {"status": "busy", "run": run.run_name, "reason": owner.describe() if owner else ""}
-    setup = Setup(run, d, device, data, micro, accum, Preemption())
+    setup = Setup(run, d, device, data, micro, accum, Preemption(), mode)
     try:
         summary = _train_owned(setup, lock)
     finally:
@@ -504,10 +509,10 @@ class Writer:
         self.metrics_f.write(json.dumps(rec) + "\n")
         self.metrics_f.flush()
 
-    def checkpoint(self, model, opt, step: int, state: dict[str, Any], keep: int) -> None:
+    def checkpoint(self, weights, state: dict[str, Any], aliases: dict[str, str], keep: int) -> None:
         os.fsync(self.metrics_f.fileno())  # the lines up to a checkpoint outlive a lost node with it
         self.guard()
-        save_checkpoint(self.run_dir, model, opt, step, state, keep=keep, before_publish=self.guard)
+        save_checkpoint(self.run_dir, weights, state, aliases, keep=keep, before_publish=self.guard)
 
     def check(self) -> None:
         self.lock.check()
@@ -526,7 +531,7 @@ class Silent(Writer):
     def write_summary(self) -> None: ...
     def open_metrics(self, step: int) -> None: ...
     def metrics(self, rec: dict[str, Any]) -> None: ...
-    def checkpoint(self, model, opt, step, state, keep) -> None: ...
+    def checkpoint(self, weights, state, aliases, keep) -> None: ...
     def check(self) -> None: ...
     def close(self) -> None: ...
 
@@ -592,15 +597,14 @@ def _fail(summary: dict[str, Any], e: BaseException, step: int) -> None:
 def _step(s: Setup, net, x: torch.Tensor, y: torch.Tensor):
     """Forward and backward over this rank's share of one global batch, in `s.accum` micro
     batches; returns (mean train loss over every rank, the last forward's output). Gradients are
-    averaged across ranks by DDP on the last micro batch only."""
+    averaged across ranks (DDP or FSDP) on the last micro batch only."""
     lo = s.d.rank * s.micro * s.accum
     x, y = x[lo : lo + s.micro * s.accum], y[lo : lo + s.micro * s.accum]
     loss_sum = None
     for i in range(s.accum):
         xi = x[i * s.micro : (i + 1) * s.micro].to(s.device, non_blocking=True)
         yi = y[i * s.micro : (i + 1) * s.micro].to(s.device, non_blocking=True)
-        sync = i == s.accum - 1 or not hasattr(net, "no_sync")
-        with nullcontext() if sync else net.no_sync():
+        with parallel.grad_sync(net, i == s.accum - 1):
             with s.autocast():
                 out = net(xi)
                 loss = lm_loss(out.logits, yi)
@@ -634,17 +638,6 @@ class Progress:
                 "last_train": self.last_train}  # fmt: skip
 
 
-def _wrap(s: Setup, model):
-    """The module the step runs: DDP around the model when there are several ranks."""
-    if s.d.world == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    # the buffers (RoPE tables, the MoE balance bias) are equal on every rank by construction
-    device_ids = [s.device.index] if s.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-
 def _update(s: Setup, net, model, opt, batch, lr: float) -> tuple[torch.Tensor, Any]:
     """One optimizer update on the global batch: (mean train loss over ranks, last output)."""
     for g in opt.param_groups:
@@ -664,7 +657,9 @@ def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
     """The step loop; updates `w.summary` in place (steps_done, status, final numbers)."""
     run, summary = s.run, w.summary
     steps, tokens_per_step = run.steps, run.train.batch_size * run.model.seq_len
-    p, div, net = Progress.resumed(st), Divergence(run, st), _wrap(s, model)
+    p, div = Progress.resumed(st), Divergence(run, st)
+    aliases = parallel.tied_aliases(model)  # before FSDP replaces the parameters
+    net, opt = parallel.wrap(s.mode, model, opt, s.device, lambda m: make_optimizer(m, run.optim))
     loader = WindowLoader(s.data.train, run.model.seq_len, run.train.batch_size, run.train.seed)
     t0, start_step = time.perf_counter(), p.step
     desc = f"{run.model.name} {run.sweep}/{run.run_name}"[:48]
@@ -688,7 +683,7 @@ def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
                 summary.update(status="failed", reason=diverged)
                 log.error("%s: %s", run.run_dir, diverged)
                 break
-            if _checkpoint_or_stop(s, w, model, opt, p, div, wall, start_step):
+            if _checkpoint_or_stop(s, w, (model, opt, aliases), p, div, wall, start_step):
                 return
     finally:
         bar.close()
@@ -701,15 +696,20 @@ def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
         summary.update(status="completed", final_val_loss=p.last_val, final_train_loss=p.last_train)
 
 
-def _checkpoint_or_stop(s: Setup, w: Writer, model, opt, p: Progress, div: Divergence, wall: float,
+def _checkpoint_or_stop(s: Setup, w: Writer, trained, p: Progress, div: Divergence, wall: float,
                         start_step: int) -> bool:  # fmt: skip
-    """Checkpoints when due; True when the run stops here, resumable: Slurm's warning signal, or
-    train.stop_after_steps (which behaves like a preemption)."""
+    """Checkpoints when due (`trained`: model, optimizer, tied aliases); True when the run stops
+    here, resumable: Slurm's warning signal, or train.stop_after_steps (which behaves like a
+    preemption). Every rank takes part: FSDP gathers the shards, rank 0 gathers the RNG states."""
     run, steps = s.run, s.run.steps
     preempted = s.preempt is not None and s.preempt.requested(s.d, s.device)
     stop_now = preempted or (run.train.stop_after_steps and p.step - start_step >= run.train.stop_after_steps)
     if p.step == steps or stop_now or (run.train.ckpt_every and p.step % run.train.ckpt_every == 0):
-        w.checkpoint(model, opt, p.step, {**p.state(wall), **div.state()}, run.train.keep_checkpoints)
+        model, opt, aliases = trained
+        weights, optim = parallel.full_state(s.mode, model, opt, aliases, s.d)
+        rng = parallel.rng_states(s.d)
+        state = {"optimizer": optim, "step": p.step, **rng, **p.state(wall), **div.state()}
+        w.checkpoint(weights, state, aliases, run.train.keep_checkpoints)
     if not stop_now or p.step >= steps:
         return False
     if preempted:

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import harness.parallel
 from harness.config import compose
 from harness.train import batch_split, train
 
@@ -45,39 +47,40 @@ def worst_rel(a: list[dict], b: list[dict], upto: int | None = None) -> float:
 LOSS_FREE = ["model=loss_free", "model.d_model=32", "model.n_layers=2", "model.seq_len=64"]
 
 
+# the Switch balance loss and the importance/load CV^2 loss, both reduced over ranks
+BALANCE_LOSSES = ["model=moe_tiny", "++model.cv_loss_weight=0.1"]
+
+
 @pytest.mark.parametrize(
-    "model,accum_too",
+    "model,accum_too,ranks",
     [
-        (["model=llama_tiny"], True),
-        (["model=mamba_tiny"], True),
-        (LOSS_FREE, True),
-        (["model=moe_tiny"], False),
+        (["model=llama_tiny"], True, ["train.parallel=ddp"]),
+        (["model=llama_tiny"], False, ["train.parallel=fsdp", "train.micro_batch_size=2"]),
+        (["model=mamba_tiny"], True, []),
+        (LOSS_FREE, True, []),
+        (BALANCE_LOSSES, False, []),
     ],
-    ids=["llama", "mamba", "moe-loss-free-bias", "moe-balance-loss"],
+    ids=["llama", "llama-fsdp-accumulating", "mamba", "moe-loss-free-bias", "moe-balance-losses"],
 )
-def test_two_ranks_and_accumulation_match_one_process(tmp_path, model, accum_too):
-    """The MoE balance loss counts expert choices over every rank, but a micro batch cannot see the
-    micro batches after it: with accumulation that loss, and only it, is per micro batch."""
+def test_two_ranks_and_accumulation_match_one_process(tmp_path, model, accum_too, ranks):
+    """The MoE balance losses count expert choices over every rank, but a micro batch cannot see
+    the micro batches after it: with accumulation those losses, and only they, are per micro batch."""
     budget = [*model, "train.tokens=10240"]  # 20 steps of 8 x 64 tokens
     one_process(tmp_path / "one", *budget)
-    r = torchrun(tmp_path / "two", *budget)
+    r = torchrun(tmp_path / "two", *budget, *ranks)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [x["step"] for x in two] == list(range(1, 21))  # rank 0 alone wrote, each step once
     assert worst_rel(one, two) < 1e-4
     summary = json.loads((tmp_path / "two" / "default" / "r" / "summary.json").read_text())
-    assert (
-        summary["world_size"] == 2 and summary["micro_batch_size"] == 4 and summary["grad_accum_steps"] == 1
-    )
+    micro = 2 if "train.micro_batch_size=2" in ranks else 4
+    split = (summary["world_size"], summary["micro_batch_size"], summary["grad_accum_steps"])
+    assert split == (2, micro, 4 // micro)
     assert summary["tokens"] == 20 * 8 * 64  # the global batch is what the bookkeeping counts
+    assert r.stderr.count("step 20/20") == 1  # progress from rank 0 alone
     if accum_too:
         one_process(tmp_path / "accum", *budget, "train.micro_batch_size=4")  # 2 accumulation steps
         assert worst_rel(one, metrics(tmp_path / "accum")) < 1e-4
-    summary = json.loads((tmp_path / "two" / "default" / "r" / "summary.json").read_text())
-    assert (
-        summary["world_size"] == 2 and summary["micro_batch_size"] == 4 and summary["grad_accum_steps"] == 1
-    )
-    assert summary["tokens"] == 20 * 8 * 64  # the global batch is what the bookkeeping counts
 
 
 def test_rwkv_on_two_ranks_starts_identical_and_drifts_only_by_summation_order(tmp_path):
@@ -92,17 +95,23 @@ def test_rwkv_on_two_ranks_starts_identical_and_drifts_only_by_summation_order(t
     assert worst_rel(metrics(tmp_path / "one"), metrics(tmp_path / "two"), upto=8) < 1e-6
 
 
-@pytest.mark.parametrize("first", ["two-ranks", "one-process"])
-def test_checkpoint_moves_between_world_sizes(tmp_path, first):
+@pytest.mark.parametrize(
+    "first,mode", [("two-ranks", "ddp"), ("two-ranks", "fsdp"), ("one-process", "fsdp")], ids="-".join
+)
+def test_checkpoint_moves_between_world_sizes(tmp_path, first, mode):
+    """One checkpoint format at every world size and mode: FSDP gathers the full state to write it
+    and shards it again to resume."""
     budget = ["model=llama_tiny", "train.tokens=10240", "train.ckpt_every=0"]
     one_process(tmp_path / "straight", *budget)
     stop = "train.stop_after_steps=10"
     if first == "two-ranks":
-        assert torchrun(tmp_path / "moved", *budget, stop).returncode == 0
+        assert torchrun(tmp_path / "moved", *budget, stop, f"train.parallel={mode}").returncode == 0
+        state = torch.load(tmp_path / "moved/default/r/ckpt/step_00000010/state.pt", weights_only=True)
+        assert len(state["rank_rng"]) == 1  # rank 1's RNG state beside rank 0's
         assert one_process(tmp_path / "moved", *budget)["status"] == "completed"
     else:
         assert one_process(tmp_path / "moved", *budget, stop)["status"] == "running"
-        r = torchrun(tmp_path / "moved", *budget)
+        r = torchrun(tmp_path / "moved", *budget, f"train.parallel={mode}")
         assert r.returncode == 0, r.stderr[-3000:]
         assert "resuming" in r.stderr
     assert worst_rel(metrics(tmp_path / "straight"), metrics(tmp_path / "moved")) < 1e-4
@@ -116,8 +125,11 @@ def test_a_global_batch_the_ranks_cannot_split_is_refused_before_any_compute(tmp
                    "train.micro_batch_size=2"])  # fmt: skip
     with pytest.raises(ValueError, match=r"not a multiple of 2 rank\(s\) x train.micro_batch_size=2"):
         train(bad)
-    with pytest.raises(ValueError, match="2 ranks need train.parallel=ddp"):
+    with pytest.raises(ValueError, match="2 ranks need train.parallel=ddp or fsdp"):
         train(compose([*FAST, f"results_dir={tmp_path}", "model=llama_tiny", "train.parallel=none"]))
+    monkeypatch.setattr(harness.parallel, "fsdp_available", lambda: False)  # as on a torch before FSDP2
+    with pytest.raises(ValueError, match="train.parallel=fsdp needs torch.distributed.fsdp.fully_shard"):
+        train(compose([*FAST, f"results_dir={tmp_path}", "model=llama_tiny", "train.parallel=fsdp"]))
     assert not (tmp_path / "default").exists()
 
 

@@ -4,7 +4,17 @@ import json
 
 import pytest
 
-from harness.rundir import RunFileError, is_final, load_summary, parse_metrics, read_metrics, read_summary
+from harness import dist
+from harness.rundir import (
+    RunFileError,
+    is_final,
+    load_checkpoint,
+    load_summary,
+    parse_metrics,
+    read_metrics,
+    read_summary,
+    save_checkpoint,
+)
 
 
 @pytest.mark.parametrize(
@@ -64,3 +74,40 @@ def test_resume_keeps_metrics_up_to_the_checkpoint_and_stops_at_a_torn_line(tmp_
 )
 def test_completed_and_diverged_runs_are_final_crashed_ones_are_retried(summary, final):
     assert is_final(summary) is final
+
+
+def test_each_rank_resumes_its_own_random_stream(tmp_path):
+    """A checkpoint keeps rank 0's RNG state at the top and the other ranks' in rank_rng; a rank it
+    has no state for (written at a smaller world size) keeps the seed it started with."""
+    import torch
+
+    from harness.config import compose
+    from harness.models import build_model
+    from harness.parallel import full_state, rank_seed, rng_states, tied_aliases
+    from harness.train import make_optimizer
+
+    run = compose(["model=llama_tiny"])
+    model = build_model(run.model)
+    opt = make_optimizer(model, run.optim)
+    streams = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        streams.append(torch.get_rng_state())
+    aliases = tied_aliases(model)
+    assert aliases == {"tok_emb.weight": "head.weight"}  # the tied head, stored once
+    weights, optim = full_state("none", model, opt, aliases, dist.Dist())
+    save_checkpoint(tmp_path, weights, {"optimizer": optim, "step": 3, **rng_states(dist.Dist()),
+                                        "rank_rng": [{"torch_rng": streams[1]}]})  # fmt: skip
+    ckpt = tmp_path / "ckpt" / "step_00000003"
+    expected = {0: rng_states(dist.Dist())["torch_rng"], 1: streams[1]}
+    for rank in (0, 1, 2):
+        resumed = build_model(run.model)
+        torch.manual_seed(rank_seed(0, rank))
+        fresh = torch.get_rng_state()
+        load_checkpoint(ckpt, resumed, make_optimizer(resumed, run.optim), rank)
+        assert torch.equal(torch.get_rng_state(), expected.get(rank, fresh))
+        assert (
+            torch.equal(resumed.head.weight, model.head.weight)
+            and resumed.head.weight is resumed.tok_emb.weight
+        )
+    assert len({rank_seed(0, r) for r in range(8)}) == 8

@@ -149,3 +149,14 @@ def test_runs_live_elsewhere_are_skipped_naming_their_owner(workdir):
     df = collect(workdir / "results" / "two")
     assert list(df.run) == ["free"] and list(df.status) == ["completed"]
     assert sorted(p.name for p in busy.iterdir()) == [OWNER_FILE]  # untouched
+
+
+@pytest.mark.parametrize("override", ["hydra.launcher.tasks_per_node=2", "hydra.launcher.nodes=2",
+                                      "hydra.launcher.gpus_per_node=8"])  # fmt: skip
+def test_several_ranks_per_run_with_the_local_launcher_are_refused_in_words(override):
+    from hydra.utils import instantiate
+
+    instantiate(compose_multirun(["hydra/launcher=local"]).hydra.launcher)  # one rank per run: fine
+    with pytest.raises(Exception, match="hydra/launcher=local runs each run as one process") as e:
+        instantiate(compose_multirun(["hydra/launcher=local", override]).hydra.launcher)
+    assert "hydra/launcher=slurm" in str(e.value) and "torchrun" in str(e.value)

@@ -194,7 +194,9 @@ class MoEMLP(nn.Module):
         if cfg.z_loss_weight > 0:
             aux["z_loss"] = cfg.z_loss_weight * dispatch.z_loss(logits_NE)
         if cfg.cv_loss_weight > 0:
-            aux["cv_loss"] = cfg.cv_loss_weight * dispatch.importance_load_loss(r["gates_NE"], r["load_E"])
+            aux["cv_loss"] = cfg.cv_loss_weight * dispatch.importance_load_loss(
+                r["gates_NE"], r["load_E"], reduce=dist.sum_over_ranks_with_grad if self.training else None
+            )
         self.last_aux = aux
         with torch.no_grad():  # routing statistics: metrics only
             p = r["probs_NE"]

@@ -468,7 +468,11 @@ def cv_squared(v_E: torch.Tensor) -> torch.Tensor:
     return v.var(unbiased=False) / (v.mean().square() + 1e-10)
 
 
-def importance_load_loss(gates_NE: torch.Tensor, load_E: torch.Tensor) -> torch.Tensor:
+def importance_load_loss(gates_NE: torch.Tensor, load_E: torch.Tensor, reduce=None) -> torch.Tensor:
     """Shazeer et al. 2017, eqs. 6-7 and 10: CV(Importance)^2 + CV(Load)^2, with importance the
-    summed gate values per expert."""
-    return cv_squared(gates_NE.sum(0)) + cv_squared(load_E)
+    summed gate values per expert. `reduce` sums both over data-parallel ranks, gradients
+    included, so the loss is the global batch's, as one process would see it."""
+    importance_E = gates_NE.sum(0)
+    if reduce is not None:
+        importance_E, load_E = reduce(importance_E), reduce(load_E)
+    return cv_squared(importance_E) + cv_squared(load_E)

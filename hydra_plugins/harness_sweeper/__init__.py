@@ -14,8 +14,9 @@ config is composed and validated (unknown family, missing corpus, budget smaller
 unsafe Slurm options), and runs whose directory already says "completed" are skipped, so
 relaunching a sweep resumes it. The launcher (local or Slurm via submitit) is Hydra's choice.
 
-Importing this module (Hydra's plugin discovery does) also registers `hydra/launcher:
-submitit_slurm_open`, the schema `conf/hydra/launcher/slurm.yaml` extends.
+Importing this module (Hydra's plugin discovery does) also registers two launcher schemas:
+`hydra/launcher: submitit_slurm_open`, which `conf/hydra/launcher/slurm.yaml` extends, and
+`harness_local`, which `conf/hydra/launcher/local.yaml` uses.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -129,6 +131,26 @@ def _open_slurm_schema() -> DictConfig:
 ConfigStore.instance().store(
     group="hydra/launcher", name="submitit_slurm_open", node=_open_slurm_schema(), provider="harness"
 )
+
+
+class LocalLauncher(BasicLauncher):
+    """Hydra's basic launcher: every run, one after another, as one process here. It takes the Slurm
+    launcher's fields that ask for several ranks per run only to refuse them in words, where the
+    basic launcher would report an unknown key."""
+
+    def __init__(self, tasks_per_node: int = 1, nodes: int = 1, gpus_per_node: int | None = None) -> None:
+        if tasks_per_node != 1 or nodes != 1 or (gpus_per_node or 0) > 1:
+            raise HydraException(
+                f"hydra/launcher=local runs each run as one process, so it cannot give a run "
+                f"tasks_per_node={tasks_per_node}, nodes={nodes}, gpus_per_node={gpus_per_node}. For "
+                "several ranks per run use hydra/launcher=slurm (or submitit_local) with "
+                "hydra.launcher.tasks_per_node=N, or start one run with torchrun --nproc_per_node=N"
+            )
+        super().__init__()
+
+
+_LOCAL = {"_target_": f"{__name__}.LocalLauncher", "tasks_per_node": 1, "nodes": 1, "gpus_per_node": None}
+ConfigStore.instance().store(group="hydra/launcher", name="harness_local", node=_LOCAL, provider="harness")
 
 
 class HarnessSweeper(BasicSweeper):
