@@ -154,6 +154,16 @@ class TrainConfig:
     # rank, ddp above) | none | ddp | fsdp (harness.parallel).
     micro_batch_size: int = 0
     parallel: str = "auto"
+    fsdp_param_dtype: str = "bf16"  # FSDP on CUDA gathers parameters in bf16, or fp32 as DDP computes
+    # Speed, not results. compile: auto (on for CUDA, off for the CPU) | true | false, block by
+    # block, for the families that compile (harness.models.FAMILIES says which do not, and why).
+    # tf32: fp32 matmuls outside autocast may use TF32 tensor cores on CUDA. prefetch: batches
+    # prepared ahead in a background thread. peak_tflops: the device's peak for MFU, where
+    # harness.hardware's table does not know it (0: from the table).
+    compile: str = "auto"
+    tf32: bool = True
+    prefetch: int = 2
+    peak_tflops: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("tokens", "batch_size", "eval_every", "eval_batches", "log_every", "keep_checkpoints"):
@@ -163,6 +173,13 @@ class TrainConfig:
             raise ValueError(f"train.if_busy must be fail, skip or wait, got {self.if_busy!r}")
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"train.parallel must be auto, none, ddp or fsdp, got {self.parallel!r}")
+        if self.fsdp_param_dtype not in ("bf16", "fp32"):
+            raise ValueError(f"train.fsdp_param_dtype must be bf16 or fp32, got {self.fsdp_param_dtype!r}")
+        self.compile = str(self.compile).lower()
+        if self.compile not in ("auto", "true", "false"):
+            raise ValueError(f"train.compile must be auto, true or false, got {self.compile!r}")
+        if self.prefetch < 0 or self.peak_tflops < 0:
+            raise ValueError("train.prefetch and train.peak_tflops must be >= 0")
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
             raise ValueError(
                 f"train.micro_batch_size={self.micro_batch_size} must divide train.batch_size={self.batch_size}"
@@ -237,6 +254,11 @@ EXECUTION_ONLY: dict[str, tuple[str, ...]] = {
         "keep_checkpoints",
         "micro_batch_size",
         "parallel",
+        "fsdp_param_dtype",
+        "compile",
+        "tf32",
+        "prefetch",
+        "peak_tflops",
     ),
     "data": ("cache_dir",),
     "model": ("backend",),  # which kernels compute the same function (torch, native C, CUDA)

@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import lzma
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +255,58 @@ class WindowLoader:
             self.shards, self.seq_len, self.batch_size, np.random.default_rng([self.seed, step])
         )
         return w[:, :-1], w[:, 1:]
+
+
+class Prefetcher:
+    """Batches `start`, `start + 1`, ... of `loader`, rows `rows` of each (this rank's share),
+    prepared `depth` ahead in a background thread so the next batch is ready when a step ends.
+    For a CUDA device they are pinned, so the copy to the device does not block the host."""
+
+    def __init__(self, loader: WindowLoader, start: int, rows: slice, device: torch.device, depth: int = 2):
+        self.loader, self.step, self.rows = loader, start, rows
+        self.pin = device.type == "cuda"
+        self.queue: queue.Queue | None = None
+        if depth > 0:
+            self.queue = queue.Queue(maxsize=depth)
+            self.stopped = threading.Event()
+            self.thread = threading.Thread(target=self._fill, args=(start,), daemon=True, name="prefetch")
+            self.thread.start()
+
+    def _make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.loader.batch(step)
+        x, y = x[self.rows], y[self.rows]
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+
+    def _fill(self, step: int) -> None:
+        while not self.stopped.is_set():
+            try:
+                item = (step, self._make(step))
+            except BaseException as e:  # raised in the training thread, at the batch it concerns
+                item = (step, e)
+            while not self.stopped.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            step += 1
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch, in order."""
+        if self.queue is None:
+            batch = self._make(self.step)
+        else:
+            step, batch = self.queue.get()
+            assert step == self.step, (step, self.step)
+            if isinstance(batch, BaseException):
+                raise batch
+        self.step += 1
+        return batch
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.stopped.set()
+            self.thread.join(timeout=5)
 
 
 def val_batches(data: TokenData, seq_len: int, batch_size: int, n_batches: int, seed: int = 1234):

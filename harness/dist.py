@@ -4,8 +4,10 @@ A run with world size > 1 is started by `torchrun`, or by anything that exports 
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): `export_from_submitit` does it for a Slurm job
 of the submitit launcher with several tasks. Slurm's own SLURM_NTASKS is not read: a batch script
 that runs a local sweep inside a multi-task allocation is not one run on many ranks. Each rank computes
-on `cuda:LOCAL_RANK` (NCCL) or the CPU (gloo). Gradients are averaged by torch's DistributedDataParallel; nothing here syncs
-gradients by hand. At world size 1 nothing is initialised and every helper is the identity.
+on `cuda:LOCAL_RANK` (NCCL) or the CPU (gloo). Parameter gradients are averaged by torch's DDP or
+FSDP (`harness.parallel`); the collectives here carry rank 0's decisions, metrics, and the loss
+terms that are defined over the global batch (MoE balance losses). At world size 1 nothing is
+initialised and every helper is the identity.
 """
 
 from __future__ import annotations
@@ -102,6 +104,15 @@ def gather_to_main(obj, d: Dist) -> list | None:
     return out
 
 
+def any_rank(flag: bool, d: Dist) -> bool:
+    """Whether `flag` holds on any rank, agreed on the CPU (no device work waits for it)."""
+    if d.world == 1:
+        return flag
+    x = torch.tensor([float(flag)])
+    tdist.all_reduce(x, op=tdist.ReduceOp.SUM, group=_CONTROL)
+    return bool(x.item() > 0)
+
+
 class Terminated(BaseException):
     """SIGTERM, as torchrun sends to every rank once one has failed: raised so the run's failure
     handler records it, where the default action would end the process without a word."""
@@ -133,12 +144,27 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward is the same all-reduce of the gradient: the derivative of a
+    sum over ranks with respect to each rank's term."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        tdist.all_reduce(grad, op=tdist.ReduceOp.SUM)
+        return grad
+
+
 def sum_over_ranks_with_grad(x: torch.Tensor) -> torch.Tensor:
     """`sum_over_ranks` for a loss term: the backward sums gradients over ranks too, so each rank's
-    tokens get the gradient of the global-batch term, and DDP's average over ranks then gives what
-    one process computes."""
+    tokens get the gradient of the global-batch term, and the data-parallel average over ranks
+    then gives what one process computes."""
     if not tdist.is_initialized() or tdist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(x, op=tdist.ReduceOp.SUM)
+    return _SumOverRanks.apply(x)

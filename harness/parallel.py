@@ -3,14 +3,16 @@
     none   one process: the model as it is
     ddp    DistributedDataParallel: every rank holds the whole model; gradients are averaged
     fsdp   FSDP2 (`torch.distributed.fsdp.fully_shard`) on each block and at the root: parameters,
-           gradients and optimizer state are sharded; on CUDA parameters compute in bf16 and
-           gradients reduce in fp32
+           gradients and optimizer state are sharded; gradients reduce in fp32. On CUDA,
+           `train.fsdp_param_dtype=bf16` (the default, torchtitan's policy) also gathers the
+           parameters in bf16, so norms and the residual stream compute in bf16 where DDP's
+           autocast keeps them in fp32; `fp32` computes as DDP does
 
 A checkpoint holds one format whatever the mode: the full state dict (gathered from the shards
 under FSDP) in safetensors and the optimizer's own `state_dict()` layout in state.pt, so a
 checkpoint written at any world size or mode resumes at any other. Under FSDP the model and
-optimizer are first built and restored whole on the CPU, then sharded onto the device, so a
-device never holds more than its shard.
+optimizer are first built and restored whole on the CPU, then sharded onto the device: a device
+holds its shard, plus one full tensor at a time while a checkpoint is gathered or scattered.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str
     return [name[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
-def wrap(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, make_optimizer):
+def wrap(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, make_optimizer,
+         param_dtype: str = "bf16"):  # fmt: skip
     """(module the step runs, optimizer) for `mode`. `model` and `opt` are whole and restored;
     under FSDP `model` is sharded in place and a new optimizer takes over `opt`'s state."""
     if mode == "none":
@@ -83,18 +86,18 @@ def wrap(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, device: 
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False), opt
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     full = opt.state_dict()
     by_name = _param_names(model, opt)
-    policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if device.type == "cuda"
-        else MixedPrecisionPolicy()
-    )
+    bf16 = device.type == "cuda" and param_dtype == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # the mesh on this rank's device type: FSDP's default would pick CUDA whenever it exists
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # the embedding, head and final norm
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the embedding, head and final norm
     sharded = make_optimizer(model)
     if full["state"]:  # a resumed run: each rank keeps its shard of the full state
         named = {
@@ -103,7 +106,9 @@ def wrap(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, device: 
                 {**g, "params": [by_name[i] for i in g["params"]]} for g in full["param_groups"]
             ],
         }
-        set_optimizer_state_dict(model, sharded, named, options=StateDictOptions(full_state_dict=True))
+        # not strict: like opt.load_state_dict, a parameter without state (never had a gradient) is fine
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_optimizer_state_dict(model, sharded, named, options=options)
     return model, sharded
 
 

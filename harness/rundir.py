@@ -66,6 +66,12 @@ class Summary(BaseModel):
     steps_done: int | None = None
     wall_s: float | None = None
     tokens_per_s: float | None = None
+    # steady-state training throughput: compile warm-up, evaluation and checkpoints excluded
+    train_flops_per_s: float | None = None
+    mfu: float | None = None  # of the peak of every device the run holds (harness.hardware)
+    peak_mem_gb: float | None = None
+    world_size: int | None = None
+    parallel: str | None = None  # none | ddp | fsdp (harness.parallel)
     final_val_loss: float | None = None
     final_train_loss: float | None = None
 
@@ -83,6 +89,9 @@ class MetricsRecord(BaseModel):
     lr: float | None = None
     wall_s: float | None = None
     tokens_per_s: float | None = None
+    train_flops_per_s: float | None = None  # since the previous record, warm-up and eval excluded
+    mfu: float | None = None
+    peak_mem_gb: float | None = None
 
 
 def _first_error(e: ValidationError) -> str:

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import platform
 import signal
 import threading
 import time
@@ -27,11 +26,11 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from harness import dist, flops, parallel
+from harness import dist, flops, hardware, parallel
 from harness.config import EXECUTION_ONLY, OptimConfig, RunConfig, TrainConfig, run_config_dict
-from harness.data import WindowLoader, check_windows, prepare, val_batches
+from harness.data import Prefetcher, WindowLoader, check_windows, prepare, val_batches
 from harness.fileio import atomic_write_json, atomic_write_text
-from harness.models import build_model
+from harness.models import build_model, get_family
 from harness.owner import OwnershipLost, RunLock, read_owner
 from harness.rundir import (
     CheckpointError,
@@ -83,17 +82,6 @@ def pick_device(spec: str, d: dist.Dist | None = None) -> torch.device:
     return dev
 
 
-def hardware(device: torch.device) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {
-        "device": str(device),
-        "device_name": name,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-
-
 def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
     # Weight decay on matrices (incl. embeddings) only, not on norm gains and biases (nanoGPT's rule).
     params = [p for p in model.parameters() if p.requires_grad]
@@ -103,7 +91,9 @@ def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": o.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    # the fused kernel (one launch for every tensor) where every parameter lives on a GPU
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -259,14 +249,12 @@ class Preemption:
                     signal.Signals(signum).name)  # fmt: skip
         self.pending = (signum, frame)
 
-    def requested(self, d: dist.Dist, device: torch.device) -> bool:
-        """Whether any rank got the signal (every rank must stop at the same step)."""
+    def requested(self, d: dist.Dist) -> bool:
+        """Whether any rank got the signal (every rank must stop at the same step); asked on the
+        CPU, so the device's queue of steps is not drained for it."""
         if self.original is None:
             return False
-        if d.world == 1:
-            return self.pending is not None
-        flag = torch.tensor(float(self.pending is not None), device=device)  # NCCL reduces GPU tensors
-        return bool(dist.sum_over_ranks(flag) > 0)
+        return dist.any_rank(self.pending is not None, d)
 
     def hand_over(self) -> None:
         """submitit's own handler: requeues the job (rank 0) and exits."""
@@ -384,6 +372,8 @@ def train(run: RunConfig) -> dict[str, Any]:
     if run.train.threads:
         torch.set_num_threads(run.train.threads)
     device = pick_device(run.train.device, d)
+    if device.type == "cuda":  # fp32 matmuls outside autocast (the loss, fp32 scans) on TF32 cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = run.train.tf32
     dist.init(d, device)
     dist.raise_on_sigterm(d)
     if not d.main:  # one voice for progress; every rank still speaks up about trouble
@@ -465,9 +455,10 @@ def _start_summary(s: Setup, counts) -> dict[str, Any]:
         "data_decode": run.data.decode,
         "data_replaced_bytes": getattr(s.data, "replaced_bytes", 0),
         "world_size": s.d.world,
+        "parallel": s.mode,
         "micro_batch_size": s.micro,
         "grad_accum_steps": s.accum,
-        "hardware": hardware(s.device),
+        "hardware": hardware.describe(s.device),
     }
 
 
@@ -596,10 +587,8 @@ def _fail(summary: dict[str, Any], e: BaseException, step: int) -> None:
 
 def _step(s: Setup, net, x: torch.Tensor, y: torch.Tensor):
     """Forward and backward over this rank's share of one global batch, in `s.accum` micro
-    batches; returns (mean train loss over every rank, the last forward's output). Gradients are
-    averaged across ranks (DDP or FSDP) on the last micro batch only."""
-    lo = s.d.rank * s.micro * s.accum
-    x, y = x[lo : lo + s.micro * s.accum], y[lo : lo + s.micro * s.accum]
+    batches; returns (this rank's mean train loss, still on the device; the last forward's
+    output). Gradients are averaged across ranks (DDP or FSDP) on the last micro batch only."""
     loss_sum = None
     for i in range(s.accum):
         xi = x[i * s.micro : (i + 1) * s.micro].to(s.device, non_blocking=True)
@@ -611,7 +600,7 @@ def _step(s: Setup, net, x: torch.Tensor, y: torch.Tensor):
                 total = loss + sum(out.aux_losses.values()) if out.aux_losses else loss
             (total / s.accum if s.accum > 1 else total).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-    return dist.mean(loss_sum / s.accum if s.accum > 1 else loss_sum, s.d), out
+    return loss_sum / s.accum if s.accum > 1 else loss_sum, out
 
 
 @dataclass
@@ -624,6 +613,8 @@ class Progress:
     loss_n: int = 0
     last_val: float = math.nan
     last_train: float = math.nan
+    steady_tokens: int = 0  # tokens trained in steady state (harness.hardware: MFU)
+    steady_s: float = 0.0  # and the seconds they took
 
     @classmethod
     def resumed(cls, st: dict[str, Any] | None) -> Progress:
@@ -631,15 +622,58 @@ class Progress:
             return cls()
         # a run stopped right after its final checkpoint resumes at its last step with nothing to do
         return cls(st["step"], st["wall_s"], st["loss_acc"], st["loss_n"], st.get("last_val", math.nan),
-                   st.get("last_train", math.nan))  # fmt: skip
+                   st.get("last_train", math.nan), st.get("steady_tokens", 0), st.get("steady_s", 0.0))  # fmt: skip
 
     def state(self, wall: float) -> dict[str, Any]:
         return {"wall_s": wall, "loss_acc": self.loss_acc, "loss_n": self.loss_n, "last_val": self.last_val,
-                "last_train": self.last_train}  # fmt: skip
+                "last_train": self.last_train, "steady_tokens": self.steady_tokens,
+                "steady_s": self.steady_s}  # fmt: skip
+
+
+class Meter:
+    """Training throughput between reads of the device (the loop's sync points), with the time
+    spent evaluating and checkpointing left out. The first window after a start or resume holds
+    the compile and allocator warm-up, so only later windows count as steady state."""
+
+    def __init__(self, s: Setup, counts, p: Progress):
+        self.tokens_per_step = s.run.train.batch_size * s.run.model.seq_len
+        self.flops_per_token = counts.train
+        peak = s.run.train.peak_tflops or hardware.peak_tflops(hardware.device_name(s.device),
+                                                              hardware.compute_dtype(s.device))  # fmt: skip
+        self.peak = peak * 1e12 * s.d.world if peak else None
+        if self.peak is None and s.device.type == "cuda" and s.d.main:
+            log.warning("no peak FLOP/s known for %s: MFU is not reported; pass train.peak_tflops",
+                        hardware.device_name(s.device))  # fmt: skip
+        self.device, self.p = s.device, p
+        self.mark, self.mark_step, self.warm = time.perf_counter(), p.step, False
+
+    def window(self) -> dict[str, Any]:
+        """Closes the window at the current step (called right after a read of the device)."""
+        now = time.perf_counter()
+        tokens, secs = (self.p.step - self.mark_step) * self.tokens_per_step, now - self.mark
+        flops = tokens * self.flops_per_token / max(secs, 1e-9)
+        if self.warm:
+            self.p.steady_tokens += tokens
+            self.p.steady_s += secs
+        self.warm = True
+        return {"train_flops_per_s": flops, "mfu": flops / self.peak if self.peak else None,
+                "peak_mem_gb": round(hardware.peak_memory_gb(self.device), 3)}  # fmt: skip
+
+    def restart(self) -> None:
+        """After evaluation or a checkpoint: the next window starts now."""
+        self.mark, self.mark_step = time.perf_counter(), self.p.step
+
+    def summary(self) -> dict[str, Any]:
+        p = self.p
+        if not p.steady_s:
+            return {"peak_mem_gb": round(hardware.peak_memory_gb(self.device), 3)}
+        flops = p.steady_tokens * self.flops_per_token / p.steady_s
+        return {"train_flops_per_s": flops, "mfu": flops / self.peak if self.peak else None,
+                "peak_mem_gb": round(hardware.peak_memory_gb(self.device), 3)}  # fmt: skip
 
 
 def _update(s: Setup, net, model, opt, batch, lr: float) -> tuple[torch.Tensor, Any]:
-    """One optimizer update on the global batch: (mean train loss over ranks, last output)."""
+    """One optimizer update on the global batch: (this rank's train loss on the device, last output)."""
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
@@ -653,15 +687,38 @@ def _update(s: Setup, net, model, opt, batch, lr: float) -> tuple[torch.Tensor, 
     return loss, out
 
 
+def _compile(s: Setup, model) -> None:
+    """train.compile: each block compiled in place (its parameter names unchanged), as torchtitan
+    does, so identical blocks share one compiled graph."""
+    want = s.run.train.compile
+    if want == "false" or (want == "auto" and s.device.type != "cuda"):
+        return
+    fam = get_family(s.run.model.family)
+    if fam.no_compile:
+        if s.d.main:
+            log.warning("train.compile: the %s family runs eagerly: %s", fam.name, fam.no_compile)
+        return
+    for block in model.blocks:
+        block.compile()
+
+
 def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
-    """The step loop; updates `w.summary` in place (steps_done, status, final numbers)."""
+    """The step loop; updates `w.summary` in place (steps_done, status, final numbers).
+
+    The device is read only at sync points (log, eval and checkpoint steps, the last step, a
+    stop): the train losses in between wait on the device, and the divergence rules go over them
+    there, step by step, so a queued step never waits for the host."""
     run, summary = s.run, w.summary
-    steps, tokens_per_step = run.steps, run.train.batch_size * run.model.seq_len
+    steps = run.steps
     p, div = Progress.resumed(st), Divergence(run, st)
     aliases = parallel.tied_aliases(model)  # before FSDP replaces the parameters
-    net, opt = parallel.wrap(s.mode, model, opt, s.device, lambda m: make_optimizer(m, run.optim))
+    _compile(s, model)
+    net, opt = parallel.wrap(s.mode, model, opt, s.device, lambda m: make_optimizer(m, run.optim),
+                             run.train.fsdp_param_dtype)  # fmt: skip
+    lo = s.d.rank * s.micro * s.accum
     loader = WindowLoader(s.data.train, run.model.seq_len, run.train.batch_size, run.train.seed)
-    t0, start_step = time.perf_counter(), p.step
+    batches = Prefetcher(loader, p.step, slice(lo, lo + s.micro * s.accum), s.device, run.train.prefetch)
+    t0, start_step, meter, pending = time.perf_counter(), p.step, Meter(s, counts, p), []
     desc = f"{run.model.name} {run.sweep}/{run.run_name}"[:48]
     bar = tqdm(total=steps, initial=p.step, disable=not (run.train.progress and s.d.main), unit="step",
                dynamic_ncols=True, desc=desc)  # fmt: skip
@@ -669,65 +726,102 @@ def _loop(s: Setup, w: Writer, model, opt, st, counts) -> None:
         while p.step < steps:
             w.check()
             lr = lr_at(p.step, steps, run.optim)
-            loss, out = _update(s, net, model, opt, loader.batch(p.step), lr)
+            loss, out = _update(s, net, model, opt, batches.next(), lr)
             p.step += 1
-            loss_v = loss.item()
-            diverged = div.train_loss(loss_v, p.step)
-            if not diverged:
-                p.loss_acc, p.loss_n = p.loss_acc + loss_v, p.loss_n + 1
-                wall = p.wall_prev + time.perf_counter() - t0
-                tps = (p.step - start_step) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-                bar.update(1)
-                diverged = _log_eval(s, w, model, p, div, out, counts, lr, wall, tps)
+            pending.append(loss)
+            bar.update(1)
+            stop = _stop_requested(s, p, start_step)  # "", "preempted" or "asked"
+            ckpt = (
+                p.step == steps
+                or bool(stop)
+                or bool(run.train.ckpt_every and p.step % run.train.ckpt_every == 0)
+            )
+            if not (ckpt or _log_due(run, p.step)):
+                continue
+            diverged = _read(s, w, model, p, div, meter, pending, out, counts, lr, t0, start_step)
             if diverged:
                 summary.update(status="failed", reason=diverged)
                 log.error("%s: %s", run.run_dir, diverged)
                 break
-            if _checkpoint_or_stop(s, w, (model, opt, aliases), p, div, wall, start_step):
+            wall = p.wall_prev + time.perf_counter() - t0
+            if ckpt:
+                _checkpoint(s, w, (model, opt, aliases), p, div, wall)
+            meter.restart()
+            if stop and p.step < steps:
+                _stop(w, stop, p, wall, start_step)
                 return
     finally:
+        batches.close()
         bar.close()
         summary["steps_done"] = p.step
     # finish
     wall = p.wall_prev + time.perf_counter() - t0
-    summary.update(wall_s=round(wall, 3), steps_done=p.step,
-                   tokens_per_s=round(p.step * tokens_per_step / max(wall, 1e-9), 1))  # fmt: skip
+    summary.update(wall_s=round(wall, 3), steps_done=p.step, **meter.summary(),
+                   tokens_per_s=round(p.step * run.train.batch_size * run.model.seq_len / max(wall, 1e-9), 1))  # fmt: skip
     if summary["status"] == "running":
         summary.update(status="completed", final_val_loss=p.last_val, final_train_loss=p.last_train)
 
 
-def _checkpoint_or_stop(s: Setup, w: Writer, trained, p: Progress, div: Divergence, wall: float,
-                        start_step: int) -> bool:  # fmt: skip
-    """Checkpoints when due (`trained`: model, optimizer, tied aliases); True when the run stops
-    here, resumable: Slurm's warning signal, or train.stop_after_steps (which behaves like a
-    preemption). Every rank takes part: FSDP gathers the shards, rank 0 gathers the RNG states."""
-    run, steps = s.run, s.run.steps
-    preempted = s.preempt is not None and s.preempt.requested(s.d, s.device)
-    stop_now = preempted or (run.train.stop_after_steps and p.step - start_step >= run.train.stop_after_steps)
-    if p.step == steps or stop_now or (run.train.ckpt_every and p.step % run.train.ckpt_every == 0):
-        model, opt, aliases = trained
-        weights, optim = parallel.full_state(s.mode, model, opt, aliases, s.d)
-        rng = parallel.rng_states(s.d)
-        state = {"optimizer": optim, "step": p.step, **rng, **p.state(wall), **div.state()}
-        w.checkpoint(weights, state, aliases, run.train.keep_checkpoints)
-    if not stop_now or p.step >= steps:
-        return False
-    if preempted:
+def _log_due(run: RunConfig, step: int) -> bool:
+    return step % run.train.log_every == 0 or step % run.train.eval_every == 0 or step == run.steps
+
+
+def _stop_requested(s: Setup, p: Progress, start_step: int) -> str:
+    """ "preempted" on Slurm's warning signal (to any rank), "asked" after train.stop_after_steps
+    (which behaves like a preemption), else ""."""
+    if s.preempt is not None and s.preempt.requested(s.d):
+        return "preempted"
+    after = s.run.train.stop_after_steps
+    return "asked" if after and p.step - start_step >= after else ""
+
+
+def _checkpoint(s: Setup, w: Writer, trained, p: Progress, div: Divergence, wall: float) -> None:
+    """`trained`: model, optimizer, tied aliases. Every rank takes part: FSDP gathers the shards,
+    rank 0 gathers the RNG states."""
+    model, opt, aliases = trained
+    weights, optim = parallel.full_state(s.mode, model, opt, aliases, s.d)
+    rng = parallel.rng_states(s.d)
+    state = {"optimizer": optim, "step": p.step, **rng, **p.state(wall), **div.state()}
+    w.checkpoint(weights, state, aliases, s.run.train.keep_checkpoints)
+
+
+def _stop(w: Writer, why: str, p: Progress, wall: float, start_step: int) -> None:
+    """Ends this attempt after its checkpoint, resumable."""
+    if why == "preempted":
         w.summary["preempted_at"] = p.step
         log.warning("preempted: checkpointed at step %d; requeueing", p.step)
     else:
         log.info("stopping after %d steps as asked (train.stop_after_steps); resumable", p.step - start_step)
     w.summary.update(wall_s=wall, steps_done=p.step)
-    return True
 
 
-def _log_eval(s: Setup, w: Writer, model, p: Progress, div: Divergence, out, counts, lr, wall, tps) -> str:
-    """Writes a metrics record at log and eval steps; returns why the run diverged, or ""."""
+def _read(s: Setup, w: Writer, model, p: Progress, div: Divergence, meter: Meter, pending: list, out, counts,
+          lr: float, t0: float, start_step: int) -> str:  # fmt: skip
+    """A sync point: reads the losses waiting on the device (one transfer, averaged over ranks),
+    puts them through the divergence rules in step order, and at log and eval steps writes a
+    metrics record. Returns why the run diverged, or ""."""
+    first = p.step - len(pending) + 1
+    losses = dist.mean(torch.stack(pending).float(), s.d).tolist()
+    pending.clear()
+    window = meter.window()
+    for k, v in enumerate(losses):
+        diverged = div.train_loss(v, first + k)
+        if diverged:
+            return diverged
+        p.loss_acc, p.loss_n = p.loss_acc + v, p.loss_n + 1
+    if not _log_due(s.run, p.step):
+        return ""
+    wall = p.wall_prev + time.perf_counter() - t0
+    tps = (p.step - start_step) * meter.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+    return _log_eval(s, w, model, p, div, out, counts, lr, wall, tps, window)
+
+
+def _log_eval(s: Setup, w: Writer, model, p: Progress, div: Divergence, out, counts, lr, wall, tps,
+              window: dict[str, Any]) -> str:  # fmt: skip
+    """Writes the metrics record of a log or eval step; returns why the run diverged, or ""."""
     run = s.run
     steps, tokens_per_step = run.steps, run.train.batch_size * run.model.seq_len
     is_eval = p.step % run.train.eval_every == 0 or p.step == steps
-    if not (p.step % run.train.log_every == 0 or is_eval):
-        return ""
     rec: dict[str, Any] = {
         "step": p.step,
         "tokens": p.step * tokens_per_step,
@@ -737,6 +831,7 @@ def _log_eval(s: Setup, w: Writer, model, p: Progress, div: Divergence, out, cou
         "lr": lr,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(tps, 1),
+        **window,
     }
     # the last micro batch's values, averaged over ranks (every rank reaches here at the same steps)
     rec.update({f"aux/{k}": float(dist.mean(v.detach(), s.d)) for k, v in out.aux_losses.items()})

@@ -76,6 +76,7 @@ def test_two_ranks_and_accumulation_match_one_process(tmp_path, model, accum_too
     micro = 2 if "train.micro_batch_size=2" in ranks else 4
     split = (summary["world_size"], summary["micro_batch_size"], summary["grad_accum_steps"])
     assert split == (2, micro, 4 // micro)
+    assert summary["parallel"] == ("fsdp" if "train.parallel=fsdp" in ranks else "ddp")
     assert summary["tokens"] == 20 * 8 * 64  # the global batch is what the bookkeeping counts
     assert r.stderr.count("step 20/20") == 1  # progress from rank 0 alone
     if accum_too:
@@ -108,6 +109,7 @@ def test_checkpoint_moves_between_world_sizes(tmp_path, first, mode):
         assert torchrun(tmp_path / "moved", *budget, stop, f"train.parallel={mode}").returncode == 0
         state = torch.load(tmp_path / "moved/default/r/ckpt/step_00000010/state.pt", weights_only=True)
         assert len(state["rank_rng"]) == 1  # rank 1's RNG state beside rank 0's
+        assert json.loads((tmp_path / "moved/default/r/summary.json").read_text())["parallel"] == mode
         assert one_process(tmp_path / "moved", *budget)["status"] == "completed"
     else:
         assert one_process(tmp_path / "moved", *budget, stop)["status"] == "running"
@@ -182,3 +184,41 @@ def test_a_sweep_under_torchrun_is_refused(tmp_path):
                         "model=llama_tiny,gpt2_tiny", "train.tokens=10240"], capture_output=True, text=True,
                        timeout=300, env=env)  # fmt: skip
     assert r.returncode != 0 and "a sweep (-m) under torchrun is refused" in r.stderr
+
+
+def _noisy_balance_rank(rank: int, init: str, gates, load, out) -> None:
+    import torch.distributed as tdist
+
+    from harness import dist
+    from harness.ops.dispatch import importance_load_loss
+
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    half = gates.shape[0] // 2
+    g = gates[rank * half : (rank + 1) * half].clone().requires_grad_()
+    ld = load[rank].clone().requires_grad_()  # a smooth (noisy-gating) load carries a gradient
+    loss = importance_load_loss(g, ld, reduce=dist.sum_over_ranks_with_grad)
+    loss.backward()
+    # what DDP then does: average the gradients over the 2 ranks
+    torch.save({"loss": loss.detach(), "g": g.grad / 2, "load": ld.grad / 2}, out / f"rank{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def test_importance_and_load_loss_over_ranks_is_the_one_process_loss_and_gradient(tmp_path):
+    """The noisy top-k CV^2 loss is not a mean over tokens, so each rank's half of the batch alone
+    would give another loss; summed over ranks (gradients too), it is the global batch's."""
+    from harness.ops.dispatch import importance_load_loss
+
+    torch.manual_seed(0)
+    gates, load = torch.rand(8, 4), torch.rand(2, 4) * 3
+    torch.multiprocessing.spawn(_noisy_balance_rank, args=(f"file://{tmp_path / 'store'}", gates, load, tmp_path),
+                                nprocs=2)  # fmt: skip
+    g, ld = gates.clone().requires_grad_(), load.clone().requires_grad_()
+    one = importance_load_loss(g, ld.sum(0))
+    one.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for r, got in enumerate(ranks):
+        torch.testing.assert_close(got["loss"], one.detach())
+        torch.testing.assert_close(got["g"], g.grad[r * 4 : (r + 1) * 4])
+        torch.testing.assert_close(got["load"], ld.grad[r])
+    alone = importance_load_loss(gates[:4], load[0])  # what rank 0 computed before the reduction
+    assert abs(alone.item() - one.item()) > 1e-3

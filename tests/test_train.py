@@ -386,3 +386,50 @@ def test_owner_whose_metrics_file_was_replaced_stops_before_its_checkpoint(resul
         train(run)
     assert not list((run.run_dir / "ckpt").glob("step_*"))
     assert json.loads((run.run_dir / "summary.json").read_text())["status"] == "running"  # not overwritten
+
+
+# What reads a tensor's value back to the host: on CUDA, each waits for every queued kernel.
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+TINY = ["gpt2_tiny", "llama_tiny", "moe_tiny", "soft_moe_tiny", "mamba_tiny", "mamba2_tiny", "rwkv6_tiny",
+        "rwkv7_tiny"]  # fmt: skip
+
+
+@pytest.mark.parametrize("model", TINY)
+def test_the_step_loop_reads_the_device_only_at_sync_points(results_dir, monkeypatch, model):
+    """The project's code reads no tensor between log steps (4, 8), eval steps (8) and the last
+    step (12): a queued step never waits for the host. Torch's own reads are the GPU-marked test's
+    business (on the CPU, AdamW reads its step counters)."""
+    from pathlib import Path
+
+    import torch
+
+    import harness.train as T
+
+    step, reads, ours = [0], [], str(Path(T.__file__).parent)
+    real_update = T._update
+
+    def counted(*a, **k):
+        out = real_update(*a, **k)
+        step[0] += 1
+        return out
+
+    monkeypatch.setattr(T, "_update", counted)
+    def spy(name: str):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, **k):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(ours):
+                reads.append((step[0], name, f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}"))
+            return real(self, *a, **k)
+
+        return read
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    run = run_cfg(results_dir, f"model={model}", "train.tokens=768", "train.batch_size=1", "train.log_every=4",
+                  "train.eval_every=8", "train.ckpt_every=0", "train.prefetch=0")  # fmt: skip
+    assert train(run)["status"] == "completed"
+    assert run.steps == 12 and {4, 8, 12} <= {s for s, *_ in reads}  # the spy sees the loop's reads
+    stray = sorted({r for r in reads if r[0] not in (0, 4, 8, 12)})
+    assert not stray, stray

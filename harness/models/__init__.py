@@ -37,6 +37,8 @@ class Family:
     flops_per_token: Callable[..., dict[str, int]]
     # Parameters a token does not touch (unrouted experts); None means every parameter is active.
     inactive_params: Callable[[Any], int] | None = None
+    # Why train.compile leaves this family eager ("" when its blocks compile).
+    no_compile: str = ""
 
 
 FAMILIES: dict[str, Family] = {
