@@ -38,7 +38,8 @@ from harness.fileio import atomic_write_bytes, atomic_write_text  # noqa: E402
 log = logging.getLogger(__name__)
 
 RUN_COLS = ["arch", "family", "run", "label", "status", "final_val_loss", "params_nonembed", "params_active",
-            "tokens", "flops_train", "flops_budget", "wall_s"]  # fmt: skip
+            "tokens", "flops_train", "flops_budget", "wall_s", "device_name", "world_size", "device_hours",
+            "train_flops_per_s", "mfu", "peak_mem_gb"]  # fmt: skip
 EXCLUDED_COLS = ["arch", "run", "status", "file", "why"]
 
 
@@ -177,15 +178,26 @@ def plot_loss_vs_compute(kept: pd.DataFrame, fits: Fits, colors: dict, level: fl
     return _png(fig)
 
 
-def plot_wallclock(kept: pd.DataFrame, colors: dict) -> bytes:
-    fig, ax = plt.subplots(figsize=(8.5, 5))
-    d = kept[np.isfinite(kept["wall_s"]) & (kept["wall_s"] > 0)]
-    sns.scatterplot(data=d, x="wall_s", y=F.LOSS_COL, hue="arch", palette=colors, ax=ax, s=40)
-    if len(d):
-        _pareto_step(ax, d, "wall_s")
-    ax.set(xscale="log", xlabel="wall-clock training time (s)", ylabel="final validation loss (nats/token)",
-           title="Loss vs wall-clock (hardware-dependent Pareto view)")  # fmt: skip
-    _legend_outside(ax)
+def plot_cost(kept: pd.DataFrame, colors: dict) -> bytes:
+    """Loss against training FLOPs and against device-hours, side by side: an architecture can win
+    per FLOP and lose per hour (a kernel it lacks, a scan that does not use the tensor cores)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    panels = (("flops_train", "training compute C (FLOPs)"),
+              ("device_hours", "device-hours (wall-clock x devices held)"))  # fmt: skip
+    for ax, (x, label) in zip(axes, panels, strict=True):
+        d = kept[np.isfinite(kept[x]) & (kept[x] > 0)]
+        sns.scatterplot(
+            data=d, x=x, y=F.LOSS_COL, hue="arch", palette=colors, ax=ax, s=40, legend=ax is axes[1]
+        )
+        if len(d):
+            _pareto_step(ax, d, x)
+        ax.set(xscale="log", xlabel=label)
+    devices = sorted({str(n) for n in kept.get("device_name", pd.Series(dtype=object)).dropna()})
+    on = f" on {', '.join(devices[:3])}{' and others' if len(devices) > 3 else ''}" if devices else ""
+    axes[0].set(ylabel="final validation loss (nats/token)", title="Per FLOP")
+    axes[1].set(title=f"Per device-hour{on}")
+    _loss_ylim(axes[0], kept[F.LOSS_COL])
+    _legend_outside(axes[1])
     return _png(fig)
 
 
@@ -470,7 +482,7 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
         "isoflop.png": plot_isoflop(kept, parabolas),
         "optimal_allocation.png": plot_allocation(kept, allocs, level),
         "training_curves.png": plot_curves(curves, colors) if len(curves) else None,
-        "loss_vs_wallclock.png": plot_wallclock(kept, colors) if len(kept) else None,
+        "loss_vs_cost.png": plot_cost(kept, colors) if len(kept) else None,
         "moe_load.png": plot_moe_load(expert_loads(curves), kept) if len(curves) else None,
     }
     files.update({k: v for k, v in plots.items() if v is not None})
@@ -509,8 +521,9 @@ def build_report(results: str | Path, out: str | Path | None = None, n_boot: int
          "(training-curve envelope), approach 2 (IsoFLOP optima) and approach 3 (parametric fit, C = k N D with k "
          f"measured), with {pct}% bands. Lines are drawn for identified fits only: "
          f"{_alloc_summary(allocs)}.", None, "optimal_allocation.png"),
-        ("Loss vs wall-clock", "A second Pareto view; wall-clock depends on the hardware each run used.", None,
-         "loss_vs_wallclock.png"),
+        ("Loss per FLOP and per device-hour", "The same runs against training FLOPs and against device-hours "
+         "(wall-clock x devices held, evaluation included): the second view depends on the hardware and kernels "
+         "each run used. Steady-state throughput and MFU per run are in runs.csv.", None, "loss_vs_cost.png"),
         ("MoE expert load", "Fraction of tokens per expert and MoE layer at the last logged step of each MoE "
          "architecture's largest-compute run.", None, "moe_load.png"),
         ("Fitted parameters", f"Estimates with {pct}% percentile-bootstrap intervals, and each fit's status. frontier: "

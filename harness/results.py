@@ -43,11 +43,21 @@ COLUMNS = [
     "sweep", "run", "path", "status", "reason", "file", "family", "arch", "causal", "comparable",
     "final_val_loss", "final_train_loss", "params_total", "params_nonembed", "params_active",
     "flops_per_token", "flops_6n_per_token", "flops_train", "flops_budget", "tokens", "steps",
-    "batch_size", "lr", "seq_len", "wall_s", "tokens_per_s", "device", "d_model", "n_layers",
+    "batch_size", "lr", "seq_len", "wall_s", "tokens_per_s", "device", "device_name", "world_size",
+    "parallel", "device_hours", "train_flops_per_s", "mfu", "peak_mem_gb", "d_model", "n_layers",
     "metrics_skipped", "metrics_reason",
 ]  # fmt: skip
 CURVE_COLUMNS = ["sweep", "run", "family", "arch", "step", "tokens", "flops_train", "train_loss",
-                 "val_loss", "lr", "wall_s", "tokens_per_s"]  # fmt: skip
+                 "val_loss", "lr", "wall_s", "tokens_per_s", "train_flops_per_s", "mfu"]  # fmt: skip
+THROUGHPUT = (
+    "wall_s",
+    "tokens_per_s",
+    "world_size",
+    "device_hours",
+    "train_flops_per_s",
+    "mfu",
+    "peak_mem_gb",
+)
 EXCLUSION_COLUMNS = ["sweep", "arch", "run", "status", "file", "why"]
 SHAPE_KEYS = (("train", "batch_size"), ("model", "seq_len"))  # (config.yaml section, key = summary field)
 REL_TOL = 1e-6  # summary numbers are written from exact integer products; 1e-6 absorbs float printing
@@ -238,6 +248,9 @@ def _read_run(d: Path, root: Path) -> dict[str, Any]:
             if k in COLUMNS and k not in ("run", "status", "reason") and v is not None:
                 row[k] = v
         row["device"] = (summary.hardware or {}).get("device")
+        row["device_name"] = (summary.hardware or {}).get("device_name")
+        if summary.wall_s is not None:  # what the run cost: every device it held, for its whole wall time
+            row["device_hours"] = summary.wall_s * (summary.world_size or 1) / 3600
     status = summary.status if summary is not None else None
     row.update(status=status, reason=(summary.reason or None) if summary is not None else None)
     if problems:
@@ -282,8 +295,7 @@ def collect(path: str | Path) -> pd.DataFrame:
         c
         for c in COLUMNS
         if c.startswith(("final_", "params_", "flops_"))
-        or c
-        in ("tokens", "steps", "batch_size", "lr", "seq_len", "wall_s", "tokens_per_s", "d_model", "n_layers")
+        or c in ("tokens", "steps", "batch_size", "lr", "seq_len", "d_model", "n_layers", *THROUGHPUT)
     ]
     df[num] = df[num].apply(pd.to_numeric, errors="coerce")
     df["metrics_skipped"] = df["metrics_skipped"].fillna(0).astype(int)

@@ -142,7 +142,7 @@ def test_report_writes_every_output(built):
     out, _ = built
     for name in ("index.md", "index.html", "runs.csv", "excluded.csv", "fits.csv", "isoflop_optima.csv",
                  "allocation_optima.csv", "compare.csv", "compare_pairs.csv", "loss_vs_compute.png", "isoflop.png",
-                 "optimal_allocation.png", "training_curves.png", "loss_vs_wallclock.png", "moe_load.png"):  # fmt: skip
+                 "optimal_allocation.png", "training_curves.png", "loss_vs_cost.png", "moe_load.png"):  # fmt: skip
         assert (out / name).exists(), name
     index = (out / "index.md").read_text()
     assert "![Loss vs compute](loss_vs_compute.png)" in index and "not drawn" not in index
