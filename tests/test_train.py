@@ -414,6 +414,7 @@ def test_the_step_loop_reads_the_device_only_at_sync_points(results_dir, monkeyp
         return out
 
     monkeypatch.setattr(T, "_update", counted)
+
     def spy(name: str):
         real = getattr(torch.Tensor, name)
 
