@@ -106,7 +106,7 @@ def evaluate(model, s: Setup) -> float:
     batch and the means are averaged across ranks."""
     run, d = s.run, s.d
     model.eval()
-    total = 0.0
+    total = torch.zeros((), device=s.device)
     for x, y in val_batches(s.data, run.model.seq_len, run.train.batch_size, run.train.eval_batches):
         n = x.shape[0] // d.world
         x, y = x[d.rank * n : (d.rank + 1) * n], y[d.rank * n : (d.rank + 1) * n]
@@ -116,9 +116,9 @@ def evaluate(model, s: Setup) -> float:
                 xi, yi = x[i : i + s.micro].to(s.device), y[i : i + s.micro].to(s.device)
                 parts.append(lm_loss(model(xi).logits, yi))
         loss = parts[0] if len(parts) == 1 else torch.stack(parts).mean()
-        total += dist.mean(loss, d).item()
+        total += loss.float()
     model.train()
-    return total / run.train.eval_batches
+    return dist.mean(total, d).item() / run.train.eval_batches  # one read of the device
 
 
 # ---------------------------------------------------------------- run directory
