@@ -6,7 +6,9 @@ the same routing.
     .venv/bin/python benchmarks/bench_dispatch.py --dtype bfloat16   # only bf16 autocast
     .venv/bin/python benchmarks/bench_dispatch.py --device cuda
 
-All paths get the same top-2 routing of random router logits (dropless). Parameters and inputs are
+"auto" runs grouped on CPU and, on CUDA, grouped_mm where its kernel needs no host sync (bf16
+autocast on SM 9.0 or 10.x), else padded (`dispatch.default_layout`). All paths get the same top-2
+routing of random router logits (dropless). Parameters and inputs are
 fp32. Each dtype is one table: fp32, then bf16 with every path under torch.autocast, so all of
 them do bf16 matmuls and the ratios compare like with like. The paths take turns within each
 repetition and the median step is reported, so load from other processes on a shared machine

@@ -392,6 +392,12 @@ def test_owner_whose_metrics_file_was_replaced_stops_before_its_checkpoint(resul
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
 TINY = ["gpt2_tiny", "llama_tiny", "moe_tiny", "soft_moe_tiny", "mamba_tiny", "mamba2_tiny", "rwkv6_tiny",
         "rwkv7_tiny"]  # fmt: skip
+# Reads a family's PyTorch path still makes, and why. RWKV-6's decay has no lower bound, so its
+# chunked WKV checks each call whether a chunk's decay can be factored; on CUDA the default is
+# flash-linear-attention's kernel, which reads nothing.
+KNOWN_READS = {"rwkv6_tiny": {("__bool__", "wkv.py")}}
+# The MoE layout CUDA picks (the CPU's own reads the expert counts, which costs nothing there)
+LAYOUT = {"moe_tiny": ["++model.backend=grouped_mm"]}
 
 
 @pytest.mark.parametrize("model", TINY)
@@ -429,8 +435,9 @@ def test_the_step_loop_reads_the_device_only_at_sync_points(results_dir, monkeyp
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, spy(name))
     run = run_cfg(results_dir, f"model={model}", "train.tokens=768", "train.batch_size=1", "train.log_every=4",
-                  "train.eval_every=8", "train.ckpt_every=0", "train.prefetch=0")  # fmt: skip
+                  "train.eval_every=8", "train.ckpt_every=0", "train.prefetch=0", *LAYOUT.get(model, []))  # fmt: skip
     assert train(run)["status"] == "completed"
     assert run.steps == 12 and {4, 8, 12} <= {s for s, *_ in reads}  # the spy sees the loop's reads
-    stray = sorted({r for r in reads if r[0] not in (0, 4, 8, 12)})
+    known = KNOWN_READS.get(model, set())
+    stray = sorted({r for r in reads if r[0] not in (0, 4, 8, 12) and (r[1], r[2].split(":")[0]) not in known})
     assert not stray, stray

@@ -12,10 +12,13 @@ input-dependent Delta (softplus(dt_proj(.))), B, C; A = -exp(A_log), D skip; y *
 Mamba-2 mixer: in_proj -> (z, xBC, dt); xBC -> conv -> SiLU -> SSD with one scalar decay per head
 (one group of B and C shared by all heads); RMSNorm(y * SiLU(z)) -> out_proj.
 
-Backends: "auto" runs mamba-ssm's kernels on CUDA when installed; on CPU, the fused C scans of
-`harness/ops/csrc/selective_scan.c` (Mamba-1) and `ssd_scan.c` (Mamba-2), built at first use (see
-`harness.ops.native`), falling back to the PyTorch scans where no C compiler is. "torch",
-"native" and "cuda" force one.
+Backends: "auto" runs mamba-ssm's kernels on CUDA when they load (Mamba-1's needs mamba-ssm's
+compiled extension; an install without it warns once and runs the PyTorch scan); on CPU, the
+fused C scans of `harness/ops/csrc/selective_scan.c` (Mamba-1) and `ssd_scan.c` (Mamba-2), built
+at first use (see `harness.ops.native`), falling back to the PyTorch scans where no C compiler is.
+"torch", "native" and "cuda" force one. The first forward logs the scan it runs
+(`harness.ops.kernels.note`). The short causal conv is `nn.Conv1d` on every device. Blocks
+compile with torch.compile; each scan kernel runs between compiled graphs (a graph break).
 
 Deviations: the shared backbone ties the head to the embedding and scales residual output
 projections by 1/sqrt(2 n_layers) (the paper's GPT-2 style init, also what mamba-ssm does);
@@ -40,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.layers import LM, Block, LMConfig, embedding_params, head_flops, norm_params
-from harness.ops import scan
+from harness.ops import kernels, scan
 
 LAYERS_PER_TRANSFORMER_LAYER = 2
 
@@ -48,6 +51,7 @@ _SCANS = {
     1: {"torch": scan.selective_scan, "native": scan.selective_scan_native, "cuda": scan.selective_scan_cuda},
     2: {"torch": scan.ssd_scan, "native": scan.ssd_scan_native, "cuda": scan.ssd_scan_cuda},
 }
+_KERNELS = {"torch": "torch", "native": "C (harness/ops/csrc)", "cuda": "mamba-ssm"}  # for kernels.note
 
 
 @dataclass(kw_only=True)
@@ -114,6 +118,14 @@ class Mamba2Config(MambaConfig):
     version: int = 2
 
 
+def _pick_scan(cfg: MambaConfig, reference: bool, x: torch.Tensor):
+    """The scan this forward runs, logged once per family and kernel."""
+    name = "selective_scan" if cfg.version == 1 else "ssd_scan"
+    backend = scan.pick_backend("torch" if reference else cfg.backend, x, native_kernel=name)
+    kernels.note(cfg.family, name, _KERNELS[backend])
+    return _SCANS[cfg.version][backend]
+
+
 def _causal_conv(conv: nn.Conv1d, x_BTC: torch.Tensor) -> torch.Tensor:
     # Left padding only, so the conv produces exactly T outputs (FlopCounterMode then sees
     # 2 C K per token, not 2 C K (T + K - 1) / T as with symmetric padding and a slice).
@@ -171,8 +183,7 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(u_BTC).chunk(2, dim=-1)
         x = F.silu(_causal_conv(self.conv1d, x))
         delta, A, B, C = self._ssm_inputs(x)
-        backend = "torch" if self.reference else self.cfg.backend
-        fn = _SCANS[1][scan.pick_backend(backend, x, native_kernel="selective_scan")]
+        fn = _pick_scan(self.cfg, self.reference, x)
         y, _ = fn(x, delta, A, B, C, self.D.float(), chunk_size=self.cfg.chunk_size, final_state=False)
         return self.out_proj(y * F.silu(z))
 
@@ -238,8 +249,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = F.silu(_causal_conv(self.conv1d, xbc)).split([di, N, N], dim=-1)
         dt = F.softplus(dt + self.dt_bias)
         # The chunked PyTorch SSD is what the FLOP count describes; tests flip `reference` to see it.
-        backend = "torch" if self.reference else self.cfg.backend
-        fn = _SCANS[2][scan.pick_backend(backend, x, native_kernel="ssd_scan")]
+        fn = _pick_scan(self.cfg, self.reference, x)
         y, _ = fn(
             x.view(Bsz, T, H, P),
             dt,

@@ -29,8 +29,19 @@ Aux losses go in `last_aux` already weighted ("load_balance", "z_loss", "cv_loss
 routing statistics are stacked by `MoELM` into the metrics "expert_load" (MoE layers x experts,
 each row sums to the experts per token), "dropped_frac", "router_entropy" and "slab_fill" (routed
 assignments / rows of a slab padded to the largest expert load: the useful fraction of what the
-padded layout, the default on CUDA, computes; the grouped layouts compute no padding. It is also
-mean load / max load, a measure of balance).
+padded layout computes; the grouped layouts compute no padding. It is also mean load / max load, a
+measure of balance). They stay on the device as tensors: the training loop decides when to read them.
+
+Host syncs. A forward+backward in training mode waits for the GPU nowhere on the default CUDA
+layout: routing, capacity and metrics use static shapes only (dropped assignments are marked, not
+removed; see `harness.ops.dispatch`). `backend` picks the expert layout, and with it the syncs:
+- "auto" (= "torch"): on CPU "grouped"; on CUDA "grouped_mm" where torch's grouped GEMM kernel runs
+  (bf16 autocast on SM 9.0 or 10.x, dims divisible by 8), no sync; otherwise "padded".
+- "grouped": one sync per MoE layer (the expert counts size each expert's matmuls).
+- "padded": none under a capacity (expert choice, or capacity_factor > 0: the slab height is
+  B * C); dropless, two per layer (the largest expert load and the most slab rows of one token).
+- "grouped_mm": none on the kernel above; elsewhere torch copies the offsets to the host once per
+  matmul (fp32 or fp16 matmuls, other GPUs), and on CPU it loops over the experts.
 """
 
 from __future__ import annotations
@@ -57,7 +68,7 @@ from harness.layers import (
     norm_params,
 )
 from harness.models.dense import DenseConfig
-from harness.ops import dispatch
+from harness.ops import dispatch, kernels
 
 
 @dataclass(kw_only=True)
@@ -81,8 +92,9 @@ class MoEConfig(DenseConfig):
     # training-mode forward (one per optimizer step in harness-train) towards the mean load (they
     # use 1e-3); 0: off
     balance_bias_rate: float = 0.0
-    # expert-sorted dispatch layout (ops/dispatch.py): "auto" (= "torch"): grouped on CPU, padded
-    # bmm on GPU; or "grouped", "padded", "grouped_mm" (torch's grouped GEMM) to force one
+    # expert-sorted dispatch layout (ops/dispatch.py): "auto" (= "torch"): grouped on CPU, the
+    # grouped GEMM on CUDA where it needs no host sync, else padded bmm; or "grouped", "padded",
+    # "grouped_mm" (torch's grouped GEMM) to force one. The module docstring lists the host syncs.
     backend: str = "auto"
     causal: bool = True  # derived from the router; any value given is replaced
 
@@ -178,10 +190,14 @@ class MoEMLP(nn.Module):
                 self.pending_load_E = load if self.pending_load_E is None else self.pending_load_E + load
         routed = (x_ND, self.w_up, self.w_down, r["tok_A"], r["exp_A"], r["gate_A"])
         if self.reference:
+            kernels.note("moe", "expert_mlp", "loop (reference)")
             y_ND = dispatch.expert_mlp_ref(*routed)
         else:
-            layout = "auto" if cfg.backend == "torch" else cfg.backend
-            y_ND = dispatch.expert_mlp(*routed, layout=layout)
+            layout = dispatch.pick_layout("auto" if cfg.backend == "torch" else cfg.backend, *routed[:3])
+            bound = dispatch.load_bound(cfg.router, T, B, cfg.n_experts, cfg.top_k, cfg.capacity_factor)
+            static = " (slab of B C rows: capacity)" if layout == "padded" and bound is not None else ""
+            kernels.note("moe", "expert_mlp", layout + static)
+            y_ND = dispatch.expert_mlp(*routed, layout=layout, max_load=bound)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
 
@@ -200,12 +216,16 @@ class MoEMLP(nn.Module):
         self.last_aux = aux
         with torch.no_grad():  # routing statistics: metrics only
             p = r["probs_NE"]
-            counts_E = torch.bincount(r["exp_A"], minlength=cfg.n_experts)
+            E = cfg.n_experts
+            # kept assignments per expert, into a fixed-size tensor (bincount's length depends on
+            # the data, a host sync on CUDA); bin E collects the dropped ones
+            exp_A = r["exp_A"]
+            counts_E = exp_A.new_zeros(E + 1).scatter_add_(0, exp_A, torch.ones_like(exp_A))[:E]
             self.last_stats = {
                 "expert_load": r["chosen_NE"].sum(0) / (B * T),
                 "dropped_frac": r["dropped_frac"].detach(),
                 "router_entropy": -(p * p.clamp_min(1e-20).log()).sum(-1).mean(),
-                "slab_fill": r["exp_A"].numel() / (cfg.n_experts * counts_E.max().clamp_min(1)),
+                "slab_fill": counts_E.sum() / (E * counts_E.max().clamp_min(1)),
             }
         return y_ND.view(B, T, D)
 
@@ -309,8 +329,8 @@ def executed_flops_per_token(cfg: MoEConfig, seq_len: int) -> dict[str, int]:
     expert computes all C capacity slots of every sequence, padding included, and dropped tokens
     compute nothing. Not part of the training count (`flops_per_token` is). Dropless token choice
     has no fixed capacity: this returns the balanced cost; the padded layout's real padding is the
-    logged metric `slab_fill`. Our dispatch pads at most to the largest load (the grouped layouts
-    not at all), so with a capacity factor this is an upper bound on what it runs."""
+    logged metric `slab_fill`. With a capacity, our padded layout runs exactly this (its slab is
+    B C rows per expert) and the grouped layouts run no padding, so it is an upper bound."""
     parts = flops_per_token(cfg, seq_len)
     if cfg.router == "expert_choice" or cfg.capacity_factor > 0:
         cf = cfg.capacity_factor or 1.0

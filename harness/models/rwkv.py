@@ -9,6 +9,12 @@ learning rate a_t, decay w_t = exp(-e^-0.5 sigmoid(.)), value residual to the fi
 plain lerp token shift, a bonus (r . k . rho) v, sigmoid LoRA gate; channel mix without a gate.
 Initialisation of the mixing, decay and LoRA parameters follows the papers' reference code.
 
+Backends: "auto" runs flash-linear-attention's chunked kernels on CUDA when it imports, otherwise
+the chunked PyTorch form of `harness.ops.wkv`; the first forward logs which
+(`harness.ops.kernels.note`). Blocks compile with torch.compile: the fla call runs between compiled
+graphs, and the PyTorch form reads one scalar per call to pick its intra-chunk scores (each a
+graph break).
+
 Deliberate deviations: no extra LayerNorm after the embedding (`ln0`), and the shared backbone's
 init for the linear projections, so all families start from the same embedding/linear init.
 `bias` adds biases to the LayerNorms only; RWKV's linears have none.
@@ -30,7 +36,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.layers import LM, Block, LMConfig, embedding_params, head_flops, norm_params
-from harness.ops.wkv import BACKENDS, wkv6, wkv6_recurrent, wkv6_ref, wkv7, wkv7_recurrent, wkv7_ref
+from harness.ops import kernels
+from harness.ops.wkv import (
+    BACKENDS,
+    pick_backend,
+    wkv6,
+    wkv6_recurrent,
+    wkv6_ref,
+    wkv7,
+    wkv7_recurrent,
+    wkv7_ref,
+)
+
+_KERNELS = {"torch": "torch (chunked)", "cuda": "flash-linear-attention"}  # for kernels.note
 
 
 def _lora_rank(d_model: int, factor: float, power: float) -> int:
@@ -239,7 +257,11 @@ class TimeMix(nn.Module):
             return y.to(args[0].dtype), sT.to(args[0].dtype)
         if args[0].shape[2] == 1:
             return recurrent(*args, s0)
-        return fast(*args, s0, chunk_size=self.chunk_size, backend=self.backend)
+        backend = pick_backend(self.backend, args[0], self.version)
+        kernels.note(f"rwkv{self.version}", f"wkv{self.version}", _KERNELS[backend])
+        if self.version == 7:  # log w = -e^-0.5 sigmoid(.) >= -e^-0.5: the chunk check needs no read
+            return fast(*args, s0, chunk_size=self.chunk_size, backend=backend, min_log_decay=-math.exp(-0.5))
+        return fast(*args, s0, chunk_size=self.chunk_size, backend=backend)
 
 
 class _ValueResidual:

@@ -71,6 +71,7 @@ from harness.layers import (
     mlp_params,
     norm_params,
 )
+from harness.ops import kernels
 from harness.ops import soft_dispatch as ops
 
 VARIANTS = ("sliding", "original")
@@ -209,6 +210,7 @@ class SoftMoE(nn.Module):
         B, T, D = x_BTD.shape
         logits = self.router_logits(x_BTD)
         kind = ("soft" if self.variant == "original" else "sliding") + ("_ref" if self.naive else "")
+        kernels.note("soft_moe", f"{self.variant} dispatch", "loop (reference)" if self.naive else "torch")
         dispatch, combine = OPS[kind]
         slots = dispatch(x_BTD, logits)
         if self.variant == "original":

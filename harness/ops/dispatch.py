@@ -10,10 +10,19 @@ choice, with or without capacity) reduces to this list, so one dispatch serves t
 
     y[t] = sum over a with tok_A[a] = t of gate_A[a] * Expert_{exp_A[a]}(x[t])     (Shazeer et al. 2017, eq. 1)
 
-`expert_mlp` (fast: sort by expert, then matmuls on each expert's contiguous segment on CPU, one
-padded batched matmul elsewhere, or torch's grouped GEMM on request) and `expert_mlp_ref` (the loop
-above, one expert at a time) compute the same thing. `capacity_keep` decides which assignments fit into an
-expert's capacity; `capacity_keep_ref` is its loop twin.
+`expert_mlp` (fast: sort by expert, then one of three layouts, see `default_layout`) and
+`expert_mlp_ref` (the loop above, one expert at a time) compute the same thing. `capacity_keep`
+decides which assignments fit into an expert's capacity; `capacity_keep_ref` is its loop twin.
+
+Static shapes. `route` returns lists whose length depends only on the shapes (N K for token
+choice, B E C for expert choice), never on the routing: selecting the kept assignments would size a
+tensor from data, which on CUDA waits for the GPU (a host sync) in every MoE layer. A dropped
+assignment stays in the list with the expert index E, meaning no expert, and gate 0. Host syncs
+that remain, by layout: "grouped" reads the expert counts (one per call; CPU only, where a sync
+costs nothing); "padded" reads the slab height and the most rows one token reads (two), unless the
+caller passes `max_load`, a static bound such as capacity gives; "grouped_mm" none, where its
+CUDA kernel runs (bf16 on SM 9.0 or 10.x: elsewhere torch's own fallback copies the offsets to
+the host).
 
 Capacity priority rule: within one sequence, assignments are served in position order (token t
 before t+1), and a token's first choice before its second. An expert accepts assignments until it
@@ -44,9 +53,24 @@ def capacity(tokens: int, n_experts: int, top_k: int, capacity_factor: float) ->
 def capacity_keep(exp_BTK: torch.Tensor, n_experts: int, cap: int) -> torch.Tensor:
     """Which assignments fit, under the position-order priority rule (module docstring)."""
     B, T, K = exp_BTK.shape
-    onehot_BAE = F.one_hot(exp_BTK.reshape(B, T * K), n_experts)  # assignments in (t, k) order
-    pos_BA = (onehot_BAE.cumsum(1) * onehot_BAE).sum(-1) - 1  # rank of each assignment at its expert
+    exp_BA = exp_BTK.reshape(B, T * K)  # assignments in (t, k) order
+    # a comparison, not F.one_hot: one_hot checks the class range with .item() on CPU
+    onehot_BAE = exp_BA[..., None] == torch.arange(n_experts, device=exp_BA.device)
+    seen_BAE = onehot_BAE.cumsum(1, dtype=torch.int32)
+    pos_BA = seen_BAE.gather(-1, exp_BA[..., None]).squeeze(-1) - 1  # rank of each assignment at its expert
     return (pos_BA < cap).view(B, T, K)
+
+
+def load_bound(
+    router: str, tokens: int, batch: int, n_experts: int, top_k: int, capacity_factor: float
+) -> int | None:
+    """The most assignments `route` can give one expert over `batch` sequences of `tokens` tokens:
+    B C under a capacity (expert choice always has one, and fills it), None when dropless."""
+    if router == "expert_choice":
+        return batch * min(tokens, capacity(tokens, n_experts, top_k, capacity_factor or 1.0))
+    if capacity_factor > 0:
+        return batch * capacity(tokens, n_experts, top_k, capacity_factor)
+    return None
 
 
 def capacity_keep_ref(exp_BTK: torch.Tensor, n_experts: int, cap: int) -> torch.Tensor:
@@ -114,39 +138,81 @@ def expert_mlp(
     exp_A: torch.Tensor,
     gate_A: torch.Tensor,
     layout: str = "auto",
+    max_load: int | None = None,
 ) -> torch.Tensor:
-    """Fast dispatch. `layout` "grouped" (the "auto" choice on CPU) runs each expert's matmuls on
-    its contiguous segment of the expert-sorted assignments, with a hand-written backward;
-    "padded" (the "auto" choice elsewhere) packs the segments into a zero-padded (E, L, D) slab
-    and runs batched matmuls, a few large kernels instead of 6 E small ones; "grouped_mm" runs
-    the segments through `torch.nn.functional.grouped_mm` (CUTLASS grouped GEMM on CUDA, SM >= 80),
-    with no padding and no host sync. All three are tested against the loop on CPU; on CUDA by the
-    tests marked gpu (not yet run on a GPU)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if layout == "auto":
-        layout = "grouped" if x_ND.device.type == "cpu" else "padded"
-    dev = x_ND.device.type
-    if torch.is_autocast_enabled(dev):
-        ct = torch.get_autocast_dtype(dev)
-    else:
-        ct = torch.promote_types(x_ND.dtype, torch.promote_types(w_up_EDH.dtype, w_down_EFD.dtype))
+    """Fast dispatch. `layout` "grouped" runs each expert's matmuls on its contiguous segment of the
+    expert-sorted assignments, with a hand-written backward; "padded" packs the segments into a
+    zero-padded (E, L, D) slab and runs batched matmuls, a few large kernels instead of 6 E small
+    ones; "grouped_mm" runs the segments through `torch.nn.functional.grouped_mm` (CUTLASS grouped
+    GEMM on CUDA), with no padding. "auto" is `default_layout`. `max_load`, if given, must bound
+    every expert's assignments (`load_bound`): the padded slab then has that static height. An
+    assignment with exp_A = E (dropped) reaches no expert. All three are tested against the loop
+    on CPU; on CUDA by the tests marked gpu."""
+    ct = _compute_dtype(x_ND, w_up_EDH, w_down_EFD)
+    layout = pick_layout(layout, x_ND, w_up_EDH, w_down_EFD)
+    E, F_, D = w_down_EFD.shape
     if layout == "grouped_mm":
-        check_grouped_mm(w_down_EFD.shape[2], w_down_EFD.shape[1], ct)
+        check_grouped_mm(D, F_, ct)
     if tok_A.numel() == 0:
         return torch.zeros_like(x_ND) + 0 * (w_up_EDH.sum() + w_down_EFD.sum())  # keep grads defined
     if layout == "padded":
-        return _expert_mlp_padded(x_ND, w_up_EDH, w_down_EFD, tok_A, exp_A, gate_A)
+        return _expert_mlp_padded(x_ND, w_up_EDH, w_down_EFD, tok_A, exp_A, gate_A, max_load)
     if layout == "grouped_mm":
         return _expert_mlp_grouped_mm(x_ND, w_up_EDH, w_down_EFD, tok_A, exp_A, gate_A, ct)
-    order_A = torch.argsort(exp_A, stable=True)
-    counts = torch.bincount(exp_A, minlength=w_up_EDH.shape[0]).tolist()  # the one host sync
+    counts = torch.bincount(exp_A, minlength=E).tolist()[:E]  # the one host sync; [E] counts the dropped
+    order_A = torch.argsort(exp_A, stable=True)[: sum(counts)]
+    if not order_A.numel():
+        return expert_mlp(x_ND, w_up_EDH, w_down_EFD, tok_A[:0], exp_A[:0], gate_A[:0], layout)
     return _GroupedExperts.apply(x_ND, w_up_EDH, w_down_EFD, gate_A[order_A], tok_A[order_A], counts, ct)
 
 
+def _compute_dtype(x_ND: torch.Tensor, w_up_EDH: torch.Tensor, w_down_EFD: torch.Tensor) -> torch.dtype:
+    """The matmuls' dtype: autocast's, else the inputs' promoted dtype."""
+    dev = x_ND.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(x_ND.dtype, torch.promote_types(w_up_EDH.dtype, w_down_EFD.dtype))
+
+
+def pick_layout(layout: str, x_ND: torch.Tensor, w_up_EDH: torch.Tensor, w_down_EFD: torch.Tensor) -> str:
+    """The layout `expert_mlp` runs on these inputs: `layout`, with "auto" resolved by `default_layout`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout != "auto":
+        return layout
+    _, F_, D = w_down_EFD.shape
+    return default_layout(x_ND.device, _compute_dtype(x_ND, w_up_EDH, w_down_EFD), D, F_)
+
+
+def default_layout(device: torch.device, dtype: torch.dtype, d_model: int, d_expert: int) -> str:
+    """The layout "auto" runs for matmuls in `dtype`: "grouped" on CPU (fastest there, and a host
+    sync costs nothing); elsewhere "grouped_mm" where torch's grouped GEMM kernel runs without a
+    host sync (it has one, and the matmuls are bf16 on SM 9.0 or 10.x, in 16-byte rows), else
+    "padded"."""
+    if device.type == "cpu":
+        return "grouped"
+    if device.type == "cuda" and grouped_mm_is_sync_free(device, dtype, d_model, d_expert):
+        return "grouped_mm"
+    return "padded"
+
+
+def grouped_mm_is_sync_free(device: torch.device, dtype: torch.dtype, d_model: int, d_expert: int) -> bool:
+    """Whether `F.grouped_mm` runs its CUTLASS kernel here. torch 2.13 takes that path for bf16 on
+    SM 9.0 and 10.x only; any other case loops over groups after copying the offsets to the host."""
+    if not hasattr(F, "grouped_mm") or dtype != torch.bfloat16 or d_model % 8 or d_expert % 8:
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor) == (9, 0) or major == 10
+
+
 def check_grouped_mm(d_model: int, d_expert: int, dtype: torch.dtype) -> None:
-    """grouped_mm's limits (torch 2.13): fp32, bf16 or fp16 operands (CUDA kernels: bf16), every
-    row a multiple of 16 bytes."""
+    """grouped_mm's limits (torch 2.13): the function itself, fp32, bf16 or fp16 operands (CUDA
+    kernels: bf16), every row a multiple of 16 bytes."""
+    if not hasattr(F, "grouped_mm"):
+        raise ValueError(
+            f"the grouped_mm dispatch needs torch.nn.functional.grouped_mm, which torch {torch.__version__} "
+            "lacks; use the grouped or padded layout, or a newer torch"
+        )
     if dtype not in GROUPED_MM_DTYPES:
         raise ValueError(f"the grouped_mm dispatch needs fp32, bf16 or fp16 matmuls, got {dtype}")
     row = 16 // dtype.itemsize
@@ -163,10 +229,15 @@ def _expert_mlp_grouped_mm(x_ND, w_up_EDH, w_down_EFD, tok_A, exp_A, gate_A, ct)
     search in the sorted experts, which has a static shape: no host sync (`bincount` would sync
     on CUDA). Upstream pytorch/pytorch#172439 (open): on B200 GPUs grouped_mm gives experts with no
     tokens non-zero weight gradients; `test_fast_dispatch_on_cuda` checks for that on a GPU."""
+    E = w_up_EDH.shape[0]
     order_A = torch.argsort(exp_A, stable=True)
-    tok_s, gate_s = tok_A[order_A], gate_A[order_A]
-    experts = torch.arange(w_up_EDH.shape[0], device=exp_A.device, dtype=exp_A.dtype)
-    offs_E = torch.searchsorted(exp_A[order_A], experts, right=True).to(torch.int32)  # end of each group
+    exp_s, tok_s, gate_s = exp_A[order_A], tok_A[order_A], gate_A[order_A]
+    # Dropped rows (expert E, sorted last) ride in the last group with a zero gate: grouped_mm leaves
+    # rows past the last offset unwritten, and garbage times zero can be NaN. A zero gate makes their
+    # output and every gradient through them exactly zero.
+    gate_s = torch.where(exp_s < E, gate_s, 0.0)
+    experts = torch.arange(E, device=exp_A.device, dtype=exp_A.dtype)
+    offs_E = torch.searchsorted(exp_s.clamp_max(E - 1), experts, right=True).to(torch.int32)  # group ends
     acc = torch.promote_types(x_ND.dtype, torch.float32)
     with torch.autocast(x_ND.device.type, enabled=False):
         xs_AD = x_ND.index_select(0, tok_s).to(ct)
@@ -287,28 +358,38 @@ def _expert_mlp_padded(
     tok_A: torch.Tensor,
     exp_A: torch.Tensor,
     gate_A: torch.Tensor,
+    max_load: int | None,
 ) -> torch.Tensor:
-    """Sort assignments by expert, pack each expert's tokens into a padded slab (E, L, D) with L
-    the largest expert load, run the SwiGLU experts as two batched matmuls, and sum each token's
-    gated rows back. Padding rows are zeros and cost only FLOPs. Two host syncs (L and the most
-    assignments of one token) fix the shapes."""
+    """Sort assignments by expert, pack each expert's tokens into a padded slab (E, L, D), run the
+    SwiGLU experts as two batched matmuls, and sum each token's gated rows back. Padding rows are
+    zeros and cost only FLOPs. L is `max_load` when given (static shapes throughout), else the
+    largest expert load, read from the data with a second sync (the most assignments of one token)
+    that sizes gathers whose backward is a gather too (`_RowGather`, faster on CPU)."""
     N, D = x_ND.shape
     E = w_up_EDH.shape[0]
+    dev = x_ND.device
     order_A = torch.argsort(exp_A, stable=True)
     exp_s, tok_s, gate_s = exp_A[order_A], tok_A[order_A], gate_A[order_A]
-    counts_E = torch.bincount(exp_s, minlength=E)
-    L = int(counts_E.max())
-    R = E * L  # slab rows
-    row_A = (
-        exp_s * L + torch.arange(exp_s.numel(), device=x_ND.device) - (counts_E.cumsum(0) - counts_E)[exp_s]
-    )
-    src_R1 = torch.full((R, 1), N, dtype=torch.long, device=x_ND.device).index_put_((row_A,), tok_s[:, None])
+    start_E1 = torch.searchsorted(exp_s, torch.arange(E + 1, device=dev, dtype=exp_s.dtype))  # [E]: dropped
+    L = max_load if max_load is not None else max(1, int((start_E1[1:] - start_E1[:-1]).max()))
+    R = E * L  # slab rows; row R is a zero row, where dropped assignments point
+    rank_A = torch.arange(exp_s.numel(), device=dev) - start_E1[exp_s]
+    row_A = torch.where(exp_s < E, exp_s * L + rank_A, R)
+    src_R = torch.full((R + 1,), N, dtype=torch.long, device=dev).scatter(0, row_A, tok_s)[:R]  # N: pad
+    if max_load is not None:
+        slab_RD = torch.cat([x_ND, x_ND.new_zeros(1, D)]).index_select(0, src_R)
+        out_ELD = torch.bmm(_swiglu(torch.bmm(slab_RD.view(E, L, D), w_up_EDH)), w_down_EFD)
+        out_AD = torch.cat([out_ELD.reshape(R, D), out_ELD.new_zeros(1, D)]).index_select(0, row_A)
+        acc = torch.promote_types(x_ND.dtype, torch.float32)
+        y_ND = torch.zeros(N, D, dtype=acc, device=dev)
+        return y_ND.index_add(0, tok_s, out_AD.to(acc) * gate_s.to(acc)[:, None]).to(x_ND.dtype)
     rows_NJ = _inverse_table(tok_s, N, row_A, pad=R)
-    slab_ELD = _RowGather.apply(x_ND, src_R1, rows_NJ).view(E, L, D)
+    slab_ELD = _RowGather.apply(x_ND, src_R[:, None], rows_NJ).view(E, L, D)
     out_ELD = torch.bmm(_swiglu(torch.bmm(slab_ELD, w_up_EDH)), w_down_EFD)
-    gate_R = gate_s.new_zeros(R).index_copy(0, row_A, gate_s)
+    gate_R = gate_s.new_zeros(R + 1).index_copy(0, row_A, gate_s)[:R]
     out_RD = out_ELD.reshape(R, D) * gate_R.to(out_ELD.dtype)[:, None]
-    return _RowGather.apply(out_RD, rows_NJ, src_R1).to(x_ND.dtype)  # under autocast the matmuls ran in bf16
+    # under autocast the matmuls ran in bf16
+    return _RowGather.apply(out_RD, rows_NJ, src_R[:, None]).to(x_ND.dtype)
 
 
 def expert_mlp_ref(
@@ -346,7 +427,8 @@ def route(
     noise_std_NE: torch.Tensor | None = None,
     select_bias_E: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Router math in fp32. Returns the kept assignments (tok_A, exp_A, gate_A) and the routing
+    """Router math in fp32. Returns the assignments (tok_A, exp_A, gate_A; a dropped one has
+    exp_A = E and gate 0, so the lengths do not depend on the routing) and the routing
     statistics the aux losses and metrics need: probs_NE (softmax of the clean logits; for
     sigmoid_topk the sigmoid scores normalised to sum to 1 per token, as DeepSeek-V3's balance loss),
     chosen_NE (1 where a token chose an expert, before capacity), gates_NE (gate values, 0 where
@@ -389,7 +471,7 @@ def route(
         tok_A = (t_BEC + torch.arange(batch, device=dev).view(batch, 1, 1) * T).reshape(-1)
         exp_A = torch.arange(E, device=dev).view(1, E, 1).expand(batch, E, C).reshape(-1)
         gate_A = g_BEC.reshape(-1)
-        chosen = logits.new_zeros(N, E).index_put_((tok_A, exp_A), torch.ones_like(gate_A))
+        chosen = logits.new_zeros(batch, E, T).scatter(-1, t_BEC, 1.0).transpose(1, 2).reshape(N, E)
         out.update(tok_A=tok_A, exp_A=exp_A, gate_A=gate_A, chosen_NE=chosen)
         out["gates_NE"] = probs * chosen
         out["load_E"] = chosen.sum(0)
@@ -426,8 +508,9 @@ def route(
         top_k1, _ = select.topk(top_k + 1, dim=-1)
         in_top = select >= top_k1[:, top_k - 1 : top_k]
         threshold = torch.where(in_top, top_k1[:, top_k : top_k + 1], top_k1[:, top_k - 1 : top_k])
-        normal = torch.distributions.Normal(0.0, 1.0)
-        out["load_E"] = normal.cdf((logits - threshold) / noise_std_NE).sum(0)
+        # the normal CDF written out: torch.distributions validates its argument with a host sync
+        z = (logits - threshold) / noise_std_NE
+        out["load_E"] = (0.5 * (1 + torch.erf(z / math.sqrt(2)))).sum(0)
     else:
         out["load_E"] = chosen.sum(0)
     tok_NK = torch.arange(N, device=dev)[:, None].expand(N, top_k)
@@ -435,10 +518,11 @@ def route(
         cap = capacity(T, E, top_k, capacity_factor)
         keep_NK = capacity_keep(exp_NK.view(batch, T, top_k), E, cap).view(N, top_k)
         out["dropped_frac"] = 1.0 - keep_NK.float().mean()
-        out.update(tok_A=tok_NK[keep_NK], exp_A=exp_NK[keep_NK], gate_A=gate_NK[keep_NK])
+        exp_NK = torch.where(keep_NK, exp_NK, E)  # E: dropped (module docstring, static shapes)
+        gate_NK = torch.where(keep_NK, gate_NK, 0.0)
     else:
         out["dropped_frac"] = logits.new_zeros(())
-        out.update(tok_A=tok_NK.reshape(-1), exp_A=exp_NK.reshape(-1), gate_A=gate_NK.reshape(-1))
+    out.update(tok_A=tok_NK.reshape(-1), exp_A=exp_NK.reshape(-1), gate_A=gate_NK.reshape(-1))
     return out
 
 

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from harness.ops import native
+from harness.ops import kernels, native
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,10 +31,33 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# What mamba-ssm must load for each scan on CUDA. Mamba-1 needs its compiled extension
+# (selective_scan_cuda), which a mamba-ssm wheel can lack: a source build skips it unless asked
+# to, and one built for another torch fails to load. Mamba-2's SSD kernels are Triton.
+_CUDA_MODULES = {
+    "selective_scan": ("selective_scan_cuda", "mamba_ssm.ops.selective_scan_interface"),
+    "ssd_scan": ("mamba_ssm.ops.triton.ssd_combined",),
+}
+_CUDA_HINT = (
+    "the Mamba scans run in PyTorch. To use mamba-ssm's kernels, reinstall it with its CUDA "
+    "extension built for this torch: pip install --no-build-isolation --force-reinstall mamba-ssm "
+    "(from source: MAMBA_KEEP_CUDA_BUILD=TRUE)"
+)
+# The dtypes mamba-ssm's kernels take for their per-token inputs.
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cuda_kernel(scan_name: str | None) -> bool:
+    """Whether mamba-ssm's kernel for `scan_name` (None: both scans) imports, compiled part included."""
+    names = _CUDA_MODULES[scan_name] if scan_name else tuple(m for ms in _CUDA_MODULES.values() for m in ms)
+    return all(kernels.find(m, "mamba_ssm", _CUDA_HINT) is not None for m in names)
+
+
 def pick_backend(backend: str, x: torch.Tensor, native_kernel: str | None = None) -> str:
-    """ "torch" | "native" | "cuda". "auto" takes the mamba-ssm kernels for CUDA tensors when
-    importable, and on CPU the compiled C kernel `native_kernel` (csrc/<name>.c) when the scan has
-    one and it builds; otherwise the PyTorch path."""
+    """ "torch" | "native" | "cuda". "auto" takes the mamba-ssm kernels for CUDA tensors of a dtype
+    they take (fp32, fp16, bf16) when they load; on CPU the compiled C kernel `native_kernel`
+    (csrc/<name>.c, also the scan's name) when the scan has one and it builds; otherwise the
+    PyTorch path. A mamba-ssm that is installed but does not load warns once and falls back."""
     if backend not in ("torch", "native", "cuda", "auto"):
         raise ValueError(f"unknown scan backend {backend!r} (torch, native, cuda, auto)")
     if backend == "torch":
@@ -53,22 +76,19 @@ def pick_backend(backend: str, x: torch.Tensor, native_kernel: str | None = None
     if backend == "cuda":
         if not x.is_cuda:
             raise ValueError("backend='cuda' needs CUDA tensors; use backend='auto' or 'torch' on CPU")
-        try:
-            import mamba_ssm  # noqa: F401
-        except ImportError as e:
+        if x.dtype not in _CUDA_DTYPES:
+            raise ValueError(f"backend='cuda': mamba-ssm's kernels take fp32, fp16 or bf16, not {x.dtype}")
+        if not _cuda_kernel(native_kernel):
             raise ImportError(
-                "backend='cuda' needs the mamba-ssm kernels: pip install -e '.[cuda]' on a CUDA machine"
-            ) from e
+                "backend='cuda' needs the mamba-ssm kernels (see any warning above): "
+                "pip install -e '.[cuda]' on a CUDA machine"
+            )
         return "cuda"
     if not x.is_cuda:
         if native_kernel and x.device.type == "cpu" and native.load(native_kernel, _compute_dtype(x.dtype)):
             return "native"
         return "torch"
-    try:
-        import mamba_ssm  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "cuda"
+    return "cuda" if x.dtype in _CUDA_DTYPES and _cuda_kernel(native_kernel) else "torch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +337,7 @@ def selective_scan_native(
     return y_BTD.to(u_BTD.dtype), (h_BDN if final_state else None)
 
 
+@torch.compiler.disable  # a compiled extension dynamo cannot trace: runs between compiled graphs
 def selective_scan_cuda(
     u_BTD: torch.Tensor,
     delta_BTD: torch.Tensor,
@@ -329,22 +350,27 @@ def selective_scan_cuda(
     final_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """mamba-ssm's fused selective-scan kernel (channels-first layout). It takes no initial
-    state, so a call with one runs the torch path instead."""
+    state, so a call with one runs the torch path instead.
+
+    The kernel takes u, delta, B and C in one dtype (fp32, fp16 or bf16) and A, D in fp32, and
+    computes in fp32; mixed dtypes fail its checks. Under autocast softplus gives an fp32 delta
+    beside a bf16 u, so delta, B and C are cast to u's dtype (mamba-ssm's own Mamba module passes
+    its delta in that dtype too)."""
     if h0_BDN is not None:
         return selective_scan(u_BTD, delta_BTD, A_DN, B_BTN, C_BTN, D_D, h0_BDN, chunk_size, final_state)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
+    in_dtype = u_BTD.dtype
+    if in_dtype not in _CUDA_DTYPES:
+        raise ValueError(f"selective_scan_cuda takes fp32, fp16 or bf16 inputs, not {in_dtype}")
+    u_BDT, delta_BDT, B_BNT, C_BNT = (
+        t.to(in_dtype).transpose(1, 2).contiguous() for t in (u_BTD, delta_BTD, B_BTN, C_BTN)
+    )
     out = selective_scan_fn(
-        u_BTD.transpose(1, 2).contiguous(),
-        delta_BTD.transpose(1, 2).contiguous(),
-        A_DN.float(),
-        B_BTN.transpose(1, 2).contiguous(),
-        C_BTN.transpose(1, 2).contiguous(),
-        D_D.float(),
-        return_last_state=final_state,
+        u_BDT, delta_BDT, A_DN.float(), B_BNT, C_BNT, D_D.float(), return_last_state=final_state
     )
     y_BDT, h_BDN = out if final_state else (out, None)
-    return y_BDT.transpose(1, 2).to(u_BTD.dtype), h_BDN
+    return y_BDT.transpose(1, 2).to(in_dtype), h_BDN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,6 +727,7 @@ def ssd_scan_native(
     return y_BTHP.to(x_BTHP.dtype), (h_BHPN if final_state else None)
 
 
+@torch.compiler.disable  # Triton kernels with autotune hooks: run between compiled graphs
 def ssd_scan_cuda(
     x_BTHP: torch.Tensor,
     dt_BTH: torch.Tensor,
@@ -712,18 +739,25 @@ def ssd_scan_cuda(
     chunk_size: int = 64,
     final_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """mamba-ssm's Triton SSD kernels (one group of B and C shared by all heads)."""
+    """mamba-ssm's Triton SSD kernels (one group of B and C shared by all heads).
+
+    Their matmuls take x, B and C in one dtype (fp32, fp16 or bf16), so B and C are cast to x's;
+    dt, A, D and the initial state go in fp32, which the kernels read in fp32 anyway (under
+    autocast dt + dt_bias is already fp32)."""
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
+    in_dtype = x_BTHP.dtype
+    if in_dtype not in _CUDA_DTYPES:
+        raise ValueError(f"ssd_scan_cuda takes fp32, fp16 or bf16 inputs, not {in_dtype}")
     out = mamba_chunk_scan_combined(
         x_BTHP,
-        dt_BTH,
-        A_H,
-        B_BTN[:, :, None, :],
-        C_BTN[:, :, None, :],
+        dt_BTH.float(),
+        A_H.float(),
+        B_BTN.to(in_dtype)[:, :, None, :],
+        C_BTN.to(in_dtype)[:, :, None, :],
         chunk_size,
-        D=D_H,
-        initial_states=h0_BHPN,
+        D=D_H.float(),
+        initial_states=None if h0_BHPN is None else h0_BHPN.float(),
         return_final_states=final_state,
     )
     return out if final_state else (out, None)

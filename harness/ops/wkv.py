@@ -21,18 +21,24 @@ Three forms per version, same arguments, same return values `(o, final state)`:
   (V x K) @ (K x K) product (RWKV-7) per chunk. Measured on 1 CPU thread, B 2, C 256, head 64,
   T 1024, forward+backward: ~100x (RWKV-6) and ~12x (RWKV-7) the reference loop
   (benchmarks/bench_wkv.py).
-`wkv6` / `wkv7` pick a backend: "torch" (chunked), "cuda" (flash-linear-attention, extra `cuda`)
-or "auto" (fla on CUDA tensors when installed, otherwise chunked).
+`wkv6` / `wkv7` take a backend: "torch" (chunked), "cuda" (flash-linear-attention, extra `cuda`)
+or "auto" (`pick_backend`: fla on CUDA tensors when it imports, otherwise chunked).
 """
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
+from harness.ops import kernels
+
 BACKENDS = ("torch", "cuda", "auto")
+_FLA_HINT = (
+    "RWKV runs the chunked PyTorch WKV. To use flash-linear-attention's kernels, install a version "
+    "that imports with this torch and triton: pip install -e '.[cuda]'"
+)
+# The dtypes flash-linear-attention's Triton kernels take.
+_FLA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_backend(backend: str) -> None:
@@ -40,18 +46,33 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"wkv backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _fla(module: str, backend: str, device: torch.device):
-    """The flash-linear-attention function for this call, or None to use the torch path."""
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
-        return None
-    try:
-        return importlib.import_module(f"fla.ops.{module}")
-    except ImportError as e:
-        if backend == "cuda":
-            raise ImportError(
-                "backend='cuda' needs flash-linear-attention: pip install 'harness[cuda]'"
-            ) from e
-        return None
+def pick_backend(backend: str, x: torch.Tensor, version: int) -> str:
+    """ "torch" (chunked) | "cuda" (flash-linear-attention). "auto" takes fla for CUDA tensors of
+    fp32, fp16 or bf16 when its `fla.ops.rwkv<version>` imports; an fla that is installed but does
+    not import warns once and falls back."""
+    _check_backend(backend)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto" and not (x.is_cuda and x.dtype in _FLA_DTYPES):
+        return "torch"
+    found = kernels.find(f"fla.ops.rwkv{version}", "fla", _FLA_HINT) is not None
+    if backend == "auto":
+        return "cuda" if found else "torch"
+    if not found:
+        raise ImportError("backend='cuda' needs flash-linear-attention: pip install 'harness[cuda]'")
+    if not (x.is_cuda and x.dtype in _FLA_DTYPES):
+        raise ValueError(
+            f"backend='cuda' needs CUDA tensors of fp32, fp16 or bf16, got {x.dtype} on {x.device}"
+        )
+    return "cuda"
+
+
+def _fla_inputs(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """(B, H, T, .) -> fla's layout (B, T, H, .), all in the first input's dtype. fla's kernels
+    combine their inputs in matmuls and are tested with all in one dtype; under autocast r, k, v
+    come out of bf16 matmuls while the decays and u are fp32."""
+    dt = xs[0].dtype
+    return [x.to(dt).transpose(1, 2) for x in xs]
 
 
 # Intra-chunk scores sum_c x_tc y_sc prod_{s<j<=t} w_jc are fastest factored around the chunk's
@@ -63,7 +84,12 @@ def _fla(module: str, backend: str, device: torch.device):
 _FACTOR_LIMIT = 60.0
 
 
-def _factorisable(cb_BHNLK: torch.Tensor) -> bool:
+def _factorisable(cb_BHNLK: torch.Tensor, min_log_decay: float | None = None) -> bool:
+    """Whether every chunk's total log-decay stays within the limit. A per-step lower bound the
+    caller knows (RWKV-7's decay has one by construction) decides it without reading the device;
+    otherwise the check reads one value, a host sync on CUDA."""
+    if min_log_decay is not None and cb_BHNLK.shape[-2] * min_log_decay > -_FACTOR_LIMIT:
+        return True
     return bool(cb_BHNLK[..., -1, :].min() > -_FACTOR_LIMIT)
 
 
@@ -133,14 +159,14 @@ def wkv6_recurrent(r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV=None):
     return torch.stack(out, 2), S
 
 
-def _widened(fn, *tensors, chunk_size: int):
+def _widened(fn, *tensors, **options):
     """Runs a chunked form in fp32 (fp64 stays fp64) with autocast off, and returns the output in
     the input's dtype: cumulative log-decays and their exps lose too much in bf16, and the
     triangular solve has no bf16 kernel."""
     x = tensors[0]
     dt = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        o, S = fn(*(t if t is None else t.to(dt) for t in tensors), chunk_size=chunk_size)
+        o, S = fn(*(t if t is None else t.to(dt) for t in tensors), **options)
     return o.to(x.dtype), S
 
 
@@ -183,19 +209,29 @@ def wkv6_chunked(r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV=None, chunk_si
 
 def wkv6(r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV=None, chunk_size: int = 32, backend: str = "auto"):
     """RWKV-6 WKV: (o_BHTV, final state S_BHKV). Twin: `wkv6_ref`."""
-    _check_backend(backend)
-    fla = _fla("rwkv6", backend, r_BHTK.device)
-    if fla is None:
+    if pick_backend(backend, r_BHTK, 6) == "torch":
         return _widened(wkv6_chunked, r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV, chunk_size=chunk_size)
-    # fla takes (B, T, H, K) and a log decay, and scales r by K^-0.5 unless told otherwise.
-    o, S = fla.chunk_rwkv6(
-        *(x.transpose(1, 2) for x in (r_BHTK, k_BHTK, v_BHTV, logw_BHTK)),
-        u_HK,
+    return _wkv6_fla(r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV)
+
+
+@torch.compiler.disable  # Triton kernels with autotune hooks: run between compiled graphs
+def _wkv6_fla(r_BHTK, k_BHTK, v_BHTV, logw_BHTK, u_HK, s0_BHKV):
+    """fla's chunk_rwkv6: takes a log decay, scales r by K^-0.5 unless told otherwise, and keeps
+    its state in fp32."""
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    r, k, v, logw = _fla_inputs(r_BHTK, k_BHTK, v_BHTV, logw_BHTK)
+    o_BTHV, S_BHKV = chunk_rwkv6(
+        r,
+        k,
+        v,
+        logw,
+        u_HK.to(r.dtype),
         scale=1.0,
-        initial_state=s0_BHKV,
+        initial_state=None if s0_BHKV is None else s0_BHKV.float(),
         output_final_state=True,
     )
-    return o.transpose(1, 2), S
+    return o_BTHV.transpose(1, 2), S_BHKV
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,12 +272,12 @@ def wkv7_recurrent(r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK=No
     return torch.stack(out, 2), S
 
 
-def _dplr_chunk_scores(r, lw, k, a, b, cb, cbx):
+def _dplr_chunk_scores(r, lw, k, a, b, cb, cbx, min_log_decay=None):
     """The four (L x L) score matrices of a chunk, each sum_c x_tc y_sc prod_{s<j<=t'} w_jc:
     A_ab = a . D_{t-1,s} . b and A_ak (s < t), Q_b = r . D_{t,s} . b and Q_k (s <= t); the
     factored form gets all four from one (2L x K) @ (K x 2L) matmul."""
     L = lw.shape[-2]
-    if _factorisable(cb):
+    if _factorisable(cb, min_log_decay):
         m = cb[..., L // 2 - 1 : L // 2, :]
         inv = (m - cb).exp()
         X_BHN2LK = torch.cat([a * (cbx - m).exp(), r * (cb - m).exp()], dim=-2)
@@ -257,7 +293,8 @@ def _dplr_chunk_scores(r, lw, k, a, b, cb, cbx):
     return tuple((x * y.unsqueeze(-3)).sum(-1) for x in (ad_BHNLLK, rd_BHNLLK) for y in (b, k))
 
 
-def wkv7_chunked(r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK=None, chunk_size: int = 32):
+def wkv7_chunked(r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK=None, chunk_size: int = 32,
+                 min_log_decay: float | None = None):  # fmt: skip
     """Chunked form of the generalised delta rule (a WY-style solve, as in fla's chunk_dplr).
 
     With u_t = S_{t-1} a_t the update is S_t = S_{t-1} diag(w_t) + u_t b_t + v_t^T k_t: a gated
@@ -275,7 +312,7 @@ def wkv7_chunked(r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK=None
     r, lw, k, a, b = (x.view(B, H, N, L, K) for x in (r, lw, k, a, b))
     v = v.view(B, H, N, L, V)
     cb, cbx, tail = _cumulative(lw)
-    A_ab, A_ak, Q_b, Q_k = _dplr_chunk_scores(r, lw, k, a, b, cb, cbx)
+    A_ab, A_ak, Q_b, Q_k = _dplr_chunk_scores(r, lw, k, a, b, cb, cbx, min_log_decay)
     eye = torch.eye(L, dtype=r.dtype, device=r.device)
     IA_BHNLL = eye - A_ab
     rhs = torch.cat([A_ak @ v, a * cbx.exp()], dim=-1)
@@ -310,19 +347,25 @@ def wkv7(
     s0_BHVK=None,
     chunk_size: int = 32,
     backend: str = "auto",
+    min_log_decay: float | None = None,
 ):
-    """RWKV-7 WKV: (o_BHTV, final state S_BHVK). Twin: `wkv7_ref`."""
-    _check_backend(backend)
-    fla = _fla("rwkv7", backend, r_BHTK.device)
-    if fla is None:
-        return _widened(
-            wkv7_chunked, r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK, chunk_size=chunk_size
-        )
-    # fla takes (B, T, H, K), a log decay, and keeps the state key-major (K x V).
-    o, S = fla.chunk_rwkv7(
-        *(x.transpose(1, 2) for x in (r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK)),
+    """RWKV-7 WKV: (o_BHTV, final state S_BHVK). Twin: `wkv7_ref`. `min_log_decay`, a lower bound
+    on every log w the caller guarantees, spares the chunked path its read of the device."""
+    if pick_backend(backend, r_BHTK, 7) == "torch":
+        return _widened(wkv7_chunked, r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK,
+                        chunk_size=chunk_size, min_log_decay=min_log_decay)  # fmt: skip
+    return _wkv7_fla(r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK)
+
+
+@torch.compiler.disable  # Triton kernels with autotune hooks: run between compiled graphs
+def _wkv7_fla(r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK, s0_BHVK):
+    """fla's chunk_rwkv7: takes a log decay and keeps its state key-major (K x V) in fp32."""
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    o_BTHV, S_BHKV = chunk_rwkv7(
+        *_fla_inputs(r_BHTK, logw_BHTK, k_BHTK, v_BHTV, a_BHTK, b_BHTK),
         scale=1.0,
-        initial_state=None if s0_BHVK is None else s0_BHVK.transpose(-1, -2).contiguous(),
+        initial_state=None if s0_BHVK is None else s0_BHVK.float().transpose(-1, -2).contiguous(),
         output_final_state=True,
     )
-    return o.transpose(1, 2), S.transpose(-1, -2)
+    return o_BTHV.transpose(1, 2), S_BHKV.transpose(-1, -2)

@@ -3,8 +3,11 @@ recurrent step path against the parallel forward."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.flops import count
@@ -12,6 +15,7 @@ from harness.models import build_model, mamba
 from harness.models.mamba import Mamba2Config, MambaConfig
 from harness.ops import native, scan
 from tests.helpers import measured_flops, tiny
+from tests.ops import fake_kernels
 
 # Several shapes per version; T (the forward length) on and off the SSD chunk grid.
 SHAPES = [
@@ -202,3 +206,34 @@ def test_native_backend_equals_torch_backend(cls, kernel, fields):
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-10)
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("preset,kernel", [("mamba_tiny", "selective_scan"), ("mamba2_tiny", "ssd_scan")])
+def test_kernel_path_under_bf16_autocast(preset, kernel, monkeypatch, caplog):
+    """The model under bf16 autocast through the mamba-ssm call, faked on CPU as if the tensors were
+    on a GPU: the kernel gets its activations in one dtype, the parameter gradients agree with the
+    PyTorch scan's, and each family logs its kernel once."""
+    calls = fake_kernels.install(monkeypatch)
+    # CUDA autocast runs softplus in fp32 (CPU autocast keeps bf16): Mamba-1's delta as on a GPU.
+    softplus = F.softplus
+    monkeypatch.setattr(F, "softplus", lambda x, *a, **k: softplus(x.float(), *a, **k))
+    idx = torch.randint(0, 256, (2, 24))
+    grads = []
+    with caplog.at_level(logging.INFO, logger="harness.kernels"):
+        for fake_gpu in (False, True):
+            if fake_gpu:
+                monkeypatch.setattr(scan, "pick_backend", lambda backend, x, native_kernel=None: "cuda")
+            torch.manual_seed(0)
+            model = build_model(tiny(preset, backend="torch" if not fake_gpu else "auto"))
+            with torch.autocast("cpu", torch.bfloat16):
+                model(idx).logits.float().logsumexp(-1).mean().backward()
+            grads.append([p.grad for p in model.parameters()])
+    assert len(calls) == model.cfg.n_layers and all(c["kernel"] == kernel for c in calls)
+    assert all(set(c["dtypes"]) == {torch.bfloat16} for c in calls)
+    for g_torch, g_kernel in zip(*grads, strict=True):  # Mamba-1's kernel gets delta in bf16
+        assert (g_kernel - g_torch).norm() <= 2e-2 * g_torch.norm()
+    family = model.cfg.family
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{family} {kernel}: torch",
+        f"{family} {kernel}: mamba-ssm",
+    ]

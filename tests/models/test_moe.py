@@ -1,4 +1,5 @@
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -7,8 +8,9 @@ from harness.config import compose
 from harness.flops import count
 from harness.models import build_model, moe
 from harness.models.moe import MoEConfig, MoEMLP
-from harness.ops import dispatch
+from harness.ops import dispatch, kernels
 from tests.helpers import measured_flops, tiny, use_reference_paths
+from tests.models.host_sync import HostSyncs
 
 PRESETS = ["moe_tiny", "mixtral", "switch", "noisy_topk", "deepseek", "loss_free", "deepseek_v3"]
 
@@ -62,16 +64,24 @@ def test_fast_model_matches_loop_reference(name):
     _fast_and_loop_agree(cfg(**ROUTERS[name], z_loss_weight=1e-3), torch.float64, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("routing", ["dropless", "capacity"])
 @pytest.mark.parametrize("backend", ["grouped", "padded", "grouped_mm"])
-def test_every_dispatch_backend_matches_loop_in_fp32(backend, monkeypatch):
-    """model.backend picks the dispatch layout; each trains the same fp32 model as the loop."""
+def test_every_dispatch_backend_matches_loop_in_fp32(backend, routing, monkeypatch):
+    """model.backend picks the dispatch layout; each trains the same fp32 model as the loop. Under a
+    capacity the layout gets the static bound B C on any expert's load (the padded slab height)."""
     seen, real = [], moe.dispatch.expert_mlp
     monkeypatch.setattr(
-        moe.dispatch, "expert_mlp", lambda *a, layout: seen.append(layout) or real(*a, layout=layout)
+        moe.dispatch,
+        "expert_mlp",
+        lambda *a, layout, max_load: (
+            seen.append((layout, max_load)) or real(*a, layout=layout, max_load=max_load)
+        ),
     )
-    c = cfg(router="softmax_topk", top_k=2, n_shared_experts=1, backend=backend)
+    kw = dict(capacity_factor=0.75) if routing == "capacity" else {}
+    c = cfg(router="softmax_topk", top_k=2, n_shared_experts=1, backend=backend, **kw)
     _fast_and_loop_agree(c, torch.float32, rtol=1e-4, atol=1e-5)
-    assert seen == [backend] * c.n_moe_layers
+    bound = 2 * dispatch.capacity(16, c.n_experts, 2, 0.75) if kw else None  # batch 2 of 16 tokens
+    assert seen == [(backend, bound)] * c.n_moe_layers
 
 
 SHAPES = {
@@ -348,3 +358,132 @@ def test_balance_bias_moves_once_per_optimizer_step_by_the_whole_batch():
         if isinstance(a, MoEMLP):
             assert a.expert_bias.abs().sum() > 0
             torch.testing.assert_close(a.expert_bias, b.expert_bias, rtol=0, atol=0)
+
+
+# One training step per router, with every aux loss and the loss-free bias: nothing in it may read
+# device data on the host. grouped_mm is the layout CUDA picks by default (see
+# tests/ops/test_dispatch.py::test_default_layout); padded is sync-free under a capacity.
+SYNC_FREE = {
+    "topk_softmax-zloss": dict(router="topk_softmax", top_k=2, z_loss_weight=1e-3),
+    "switch-capacity": dict(router="switch", top_k=1, capacity_factor=1.0),
+    "expert_choice": dict(router="expert_choice", top_k=2),
+    "noisy_topk-cv": dict(router="noisy_topk", top_k=2, cv_loss_weight=0.1),
+    "sigmoid_topk-loss-free-shared": dict(
+        router="sigmoid_topk", top_k=2, balance_bias_rate=0.05, n_shared_experts=1
+    ),
+}
+SYNC_FREE_CASES = [(n, "grouped_mm") for n in SYNC_FREE] + [
+    ("switch-capacity", "padded"),
+    ("expert_choice", "padded"),
+]
+
+
+def _train_step(model, idx):
+    out = model.train()(idx)
+    (out.logits.square().mean() + sum(out.aux_losses.values())).backward()
+    model.after_optimizer_step()
+    return out
+
+
+@pytest.mark.parametrize("name,backend", SYNC_FREE_CASES, ids=[f"{n}-{b}" for n, b in SYNC_FREE_CASES])
+def test_training_step_has_no_host_sync(name, backend):
+    """Structural proof on CPU: forward, backward, aux losses, metrics and the bias update call no
+    op that waits for a CUDA device (tests/models/host_sync.py), and the layout did run."""
+    c = cfg(**SYNC_FREE[name], backend=backend)
+    torch.manual_seed(0)
+    model = build_model(c)
+    idx = torch.randint(0, c.vocab_size, (2, 16))
+    with HostSyncs() as syncs:
+        out = _train_step(model, idx)
+    assert syncs.found == []
+    assert ("aten::_grouped_mm" if backend == "grouped_mm" else "aten::bmm") in syncs.ops
+    assert set(out.metrics) >= {"expert_load", "dropped_frac", "router_entropy", "slab_fill"}
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend,capacity_factor", [("grouped", 0.0), ("padded", 0.0), ("grouped", 1.0)])
+def test_host_sync_check_catches_the_layouts_that_sync(backend, capacity_factor):
+    """The check can fail: "grouped" reads the expert counts, dropless "padded" the slab height."""
+    c = cfg(router="switch", top_k=1, capacity_factor=capacity_factor, backend=backend)
+    model = build_model(c)
+    with HostSyncs() as syncs:
+        _train_step(model, torch.randint(0, c.vocab_size, (2, 16)))
+    want = {"aten::bincount", "Tensor.tolist" if backend == "grouped" else "aten::_local_scalar_dense"}
+    assert want <= set(syncs.found)
+    with HostSyncs() as syncs:
+        x = torch.randn(5)
+        x[x > 0].sum()
+    assert syncs.found == ["aten::index with a boolean mask"]
+
+
+def test_metrics_match_a_plain_count():
+    """The static-shape statistics equal bincount and boolean selection (the old, syncing way)."""
+    c = cfg(router="topk_softmax", top_k=2, capacity_factor=0.5, n_layers=1)
+    torch.manual_seed(0)
+    model = build_model(c)
+    seen = {}
+    route = dispatch.route
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dispatch, "route", lambda *a, **k: seen.setdefault("r", route(*a, **k)))
+        out = model(torch.randint(0, c.vocab_size, (2, 16)))
+    exp = seen["r"]["exp_A"]
+    kept = exp[exp < c.n_experts]
+    counts = torch.bincount(kept, minlength=c.n_experts)
+    assert kept.numel() < exp.numel()
+    assert float(out.metrics["slab_fill"][0]) == pytest.approx(
+        kept.numel() / (c.n_experts * int(counts.max()))
+    )
+    assert float(out.metrics["dropped_frac"][0]) == pytest.approx(1 - kept.numel() / exp.numel())
+
+
+def test_grouped_mm_backend_needs_the_function(monkeypatch):
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm")
+    with pytest.raises(ValueError, match="grouped_mm"):
+        cfg(backend="grouped_mm")
+    assert cfg(backend="auto").backend == "auto"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", SYNC_FREE)
+def test_training_step_on_cuda_has_no_host_sync(name):
+    """On a GPU, the default layout under bf16 autocast as harness-train runs: a training step with
+    torch's sync debug mode set to raise on any host sync."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    c = cfg(**SYNC_FREE[name])
+    dev = torch.device("cuda")
+    layout = dispatch.default_layout(dev, torch.bfloat16, c.d_model, c.d_expert)
+    bound = dispatch.load_bound(c.router, 16, 2, c.n_experts, c.top_k, c.capacity_factor)
+    if layout == "padded" and bound is None:
+        pytest.skip(f"dropless routing on this GPU ({torch.cuda.get_device_name()}) runs padded, which syncs")
+    torch.manual_seed(0)
+    model = build_model(c).to(dev)
+    idx = torch.randint(0, c.vocab_size, (2, 16), device=dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _train_step(model, idx)
+
+    step()  # first calls initialise libraries (cuBLAS handles, kernels), which may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_the_layout_is_logged_once(caplog, monkeypatch):
+    monkeypatch.setattr(kernels, "_noted", {})
+    idx = torch.randint(0, 64, (2, 16))
+    with caplog.at_level(logging.INFO, logger="harness.kernels"):
+        for kw in (dict(), dict(router="switch", top_k=1, capacity_factor=1.0, backend="padded")):
+            model = build_model(cfg(**kw))
+            model(idx)
+            model(idx)
+    assert [r.getMessage() for r in caplog.records] == [
+        "moe expert_mlp: grouped",  # "auto" on CPU
+        "moe expert_mlp: padded (slab of B C rows: capacity)",
+    ]

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from harness.config import CONF_DIR
-from harness.models import build_model, make_config
+from harness.models import build_model, make_config, rwkv
 from harness.models.rwkv import RWKV7Config, RWKVConfig, flops_per_token, param_count
+from harness.ops import wkv
 from tests.helpers import measured_flops, tiny, use_reference_paths
+from tests.ops import fake_kernels
 
 PRESETS = ["rwkv6_tiny", "rwkv7_tiny"]
 # (preset, overrides): several heads, one layer, three layers, no norm biases, explicit ranks.
@@ -161,3 +164,30 @@ def test_cuda_backend_equals_torch_backend(preset):
     torch.testing.assert_close(lf, lt, rtol=2e-3, atol=2e-3)
     for name in gf:
         torch.testing.assert_close(gf[name], gt[name], rtol=5e-3, atol=5e-3, msg=name)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fla_path_under_bf16_autocast(preset, monkeypatch, caplog):
+    """The model under bf16 autocast through the flash-linear-attention call, faked on CPU as if the
+    tensors were on a GPU: fla gets one dtype, the parameter gradients agree with the chunked
+    PyTorch path's, and the family logs its kernel once."""
+    calls = fake_kernels.install(monkeypatch)
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    with caplog.at_level(logging.INFO, logger="harness.kernels"):
+        for fake_gpu in (False, True):
+            if fake_gpu:
+                for module in (rwkv, wkv):
+                    monkeypatch.setattr(module, "pick_backend", lambda backend, x, version: "cuda")
+            model = model_from(preset)
+            with torch.autocast("cpu", torch.bfloat16):
+                model(idx).logits.float().logsumexp(-1).mean().backward()
+            grads.append([p.grad for p in model.parameters()])
+    assert len(calls) == model.cfg.n_layers and all(set(c["dtypes"]) == {torch.bfloat16} for c in calls)
+    for g_torch, g_fla in zip(*grads, strict=True):  # fla gets the decays in bf16
+        assert (g_fla - g_torch).norm() <= 5e-2 * g_torch.norm()
+    v = model.cfg.version
+    assert [r.getMessage() for r in caplog.records] == [
+        f"rwkv{v} wkv{v}: torch (chunked)",
+        f"rwkv{v} wkv{v}: flash-linear-attention",
+    ]

@@ -12,6 +12,7 @@ from harness.config import compose
 from harness.models import build_model, make_config
 from harness.models.soft_moe import SoftMoE, SoftMoEConfig
 from tests.helpers import measured_flops, tiny, use_reference_paths
+from tests.models.host_sync import HostSyncs
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, seq_len=32)
 
@@ -217,3 +218,48 @@ def test_tiny_causal_model_learns():
 def test_a_model_without_any_soft_moe_layer_is_refused():
     with pytest.raises(ValueError, match="no Soft MoE layer"):
         SoftMoEConfig(d_model=32, n_layers=1, moe_every=2)
+
+
+NO_SYNC = [
+    pytest.param(dict(n_experts=4, chunk_size=8), id="sliding"),
+    pytest.param(dict(variant="original", n_experts=4), id="original"),
+]
+
+
+@pytest.mark.parametrize("fields", NO_SYNC)
+def test_training_step_has_no_host_sync(fields):
+    """Structural proof on CPU that a forward+backward calls no op that waits for a CUDA device
+    (tests/models/host_sync.py): dispatch and combine are dense masked matmuls of static shape."""
+    torch.manual_seed(0)
+    model = build_model(SoftMoEConfig(**{**SMALL, **fields})).train()
+    idx = torch.randint(0, 256, (2, SMALL["seq_len"]))
+    with HostSyncs() as syncs:
+        model(idx).logits.square().mean().backward()
+    assert syncs.found == []
+    assert "aten::bmm" in syncs.ops and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fields", NO_SYNC)
+def test_training_step_on_cuda_has_no_host_sync(fields):
+    """On a GPU under bf16 autocast, with torch's sync debug mode set to raise on any host sync."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    model = build_model(SoftMoEConfig(**{**SMALL, **fields})).cuda().train()
+    idx = torch.randint(0, 256, (2, SMALL["seq_len"]), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(idx)
+        out.logits.float().square().mean().backward()
+        return out
+
+    step()  # first calls initialise libraries, which may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.logits).all()

@@ -27,10 +27,12 @@ def _routed(router, top_k, cf, B=2, T=13, E=5, D=8, seed=0):
     return x, w_r, r
 
 
-LAYOUTS = ("grouped", "padded", "grouped_mm")
+LAYOUTS = ("grouped", "padded", "padded_static", "grouped_mm")
 
 
 def _fast(layout):
+    if layout == "padded_static":  # the slab height from a bound, not the data: every assignment
+        return lambda *args: dispatch.expert_mlp(*args, layout="padded", max_load=args[3].numel())
     if layout == "grouped_mm":  # no fp64 kernel: run fp32 inside, hand fp64 back to the test
         return lambda x, wu, wd, tok, exp, gate: dispatch.expert_mlp(
             x.float(), wu.float(), wd.float(), tok, exp, gate.float(), layout=layout
@@ -74,11 +76,15 @@ def _assignments(N, E, A, used, seed):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
-    "E,used", [(6, [0, 2, 5]), (4, [3]), (7, [1, 2, 3, 4, 5, 6])], ids=["gaps", "one-expert", "first-empty"]
+    "E,used",
+    [(6, [0, 2, 5]), (4, [3]), (7, [1, 2, 3, 4, 5, 6]), (6, [0, 2, 6])],
+    ids=["gaps", "one-expert", "first-empty", "dropped-beside-empty-last"],
 )
 def test_fast_dispatch_with_empty_experts(E, used, layout):
     """Experts that receive no token: zero weight gradients, and every other gradient (x, both
-    weights, gates) equal to the loop's, in fp64."""
+    weights, gates) equal to the loop's, in fp64. Expert index E marks a dropped assignment: with a
+    non-zero gate it still adds nothing and its gate gets no gradient (grouped_mm runs those rows in
+    the last group, here an otherwise empty expert)."""
     N, D, Fe = 11, 8, 4
     g = torch.Generator().manual_seed(2)
     x = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -94,6 +100,7 @@ def test_fast_dispatch_with_empty_experts(E, used, layout):
         torch.testing.assert_close(a, b, **_tol(layout), msg=name)
     empty = [e for e in range(E) if e not in used]
     assert torch.all(res[0][2][empty] == 0) and torch.all(res[0][3][empty] == 0)
+    assert torch.all(res[0][4][exp == E] == 0) and torch.all(res[0][4][exp < E] != 0)
 
 
 def test_grouped_dispatch_gradcheck():
@@ -125,7 +132,7 @@ def test_fast_dispatch_without_assignments(layout):
     x = torch.randn(3, 4, requires_grad=True)
     w_up, w_down = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 4, 4, requires_grad=True)
     none, gate = torch.zeros(0, dtype=torch.long), torch.zeros(0, requires_grad=True)
-    y = dispatch.expert_mlp(x, w_up, w_down, none, none, gate, layout=layout)
+    y = _fast(layout)(x, w_up, w_down, none, none, gate)
     assert torch.all(y == 0)
     grads = torch.autograd.grad(y.sum(), (x, w_up, w_down), allow_unused=True)
     assert all(gr is None or torch.all(gr == 0) for gr in grads)
@@ -207,11 +214,29 @@ def test_route_drops_exactly_the_capacity_rule():
     r = dispatch.route(logits, "topk_softmax", 2, 2, capacity_factor=0.5)
     cap = dispatch.capacity(16, 4, 2, 0.5)
     assert cap == 4
-    keep = dispatch.capacity_keep_ref(logits.topk(2, -1).indices.view(2, 16, 2), 4, cap)
-    assert r["tok_A"].numel() == int(keep.sum())
+    top = logits.topk(2, -1).indices
+    keep = dispatch.capacity_keep_ref(top.view(2, 16, 2), 4, cap).view(-1)
+    assert keep.sum() < keep.numel()  # some are dropped
+    # Static shapes: every (token, choice) stays in (t, k) order; a dropped one has expert E and gate 0.
+    assert torch.equal(r["tok_A"], torch.arange(32).repeat_interleave(2))
+    assert torch.equal(r["exp_A"], torch.where(keep, top.view(-1), 4))
+    assert torch.all((r["gate_A"] == 0) == ~keep)
     assert float(r["dropped_frac"]) == pytest.approx(1 - keep.float().mean().item())
-    per_seq_expert = torch.bincount(r["exp_A"] + 4 * (r["tok_A"] // 16), minlength=8)
-    assert int(per_seq_expert.max()) <= cap
+    per_seq_expert = torch.bincount(r["exp_A"][keep] + 4 * (r["tok_A"][keep] // 16), minlength=8)
+    assert int(per_seq_expert.max()) == cap
+
+
+def test_load_bound_bounds_every_expert():
+    """`max_load` for the padded layout: a bound on any expert's kept assignments, met exactly
+    when an expert fills its capacity in every sequence."""
+    B, T, E = 3, 16, 4
+    logits = torch.randn(B * T, E)
+    logits[:, 0] += 10  # every token's first choice is expert 0
+    for router, k, cf in [("switch", 1, 1.0), ("topk_softmax", 2, 0.5), ("expert_choice", 2, 0.0)]:
+        r = dispatch.route(logits, router, k, B, cf)
+        bound = dispatch.load_bound(router, T, B, E, k, cf)
+        assert int(torch.bincount(r["exp_A"], minlength=E + 1)[:E].max()) == bound
+    assert dispatch.load_bound("topk_softmax", T, B, E, 2, 0.0) is None
 
 
 def test_router_gates():
@@ -296,7 +321,7 @@ def test_fast_dispatch_on_cuda(layout):
     tok, exp, gate = (t.cuda() for t in _assignments(N, E, 100, used, seed=10))
     gate = gate.detach().float().requires_grad_()
     res = []
-    for fn in (lambda *a: dispatch.expert_mlp(*a, layout=layout), dispatch.expert_mlp_ref):
+    for fn in (_fast(layout), dispatch.expert_mlp_ref):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = fn(x, w_up, w_down, tok, exp, gate)
         res.append((y, *torch.autograd.grad(y.square().sum(), (x, w_up, w_down, gate))))
@@ -304,3 +329,34 @@ def test_fast_dispatch_on_cuda(layout):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * float(b.detach().abs().max()), msg=name)
     empty = [e for e in range(E) if e not in used]
     assert torch.all(res[0][2][empty] == 0) and torch.all(res[0][3][empty] == 0)
+
+
+def test_default_layout(monkeypatch):
+    """ "auto" runs grouped on CPU; on CUDA grouped_mm only where its kernel needs no host sync
+    (bf16, SM 9.0 or 10.x, 16-byte rows, the function present), else padded."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    assert dispatch.default_layout(cpu, torch.bfloat16, 32, 64) == "grouped"
+    assert dispatch.default_layout(cuda, torch.bfloat16, 32, 64) == "grouped_mm"
+    assert dispatch.default_layout(cuda, torch.float32, 32, 64) == "padded"  # torch's fallback loop syncs
+    assert dispatch.default_layout(cuda, torch.bfloat16, 36, 64) == "padded"  # rows not 16-byte aligned
+    for cap, want in [
+        ((10, 0), "grouped_mm"),
+        ((10, 3), "grouped_mm"),
+        ((8, 0), "padded"),
+        ((12, 0), "padded"),
+    ]:
+        capability[0] = cap
+        assert dispatch.default_layout(cuda, torch.bfloat16, 32, 64) == want, cap
+    capability[0] = (9, 0)
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm")
+    assert dispatch.default_layout(cuda, torch.bfloat16, 32, 64) == "padded"
+    with pytest.raises(ValueError, match="lacks"):
+        dispatch.expert_mlp(
+            torch.zeros(2, 8),
+            torch.zeros(2, 8, 16),
+            torch.zeros(2, 8, 8),
+            *[torch.zeros(0)] * 3,
+            "grouped_mm",
+        )

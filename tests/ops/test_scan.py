@@ -3,11 +3,15 @@ at lengths on and off the chunk grid."""
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from harness.ops import native, scan
+from tests.ops import fake_kernels
 
 native_available = pytest.mark.skipif(
     native.load("selective_scan", torch.float64) is None,
@@ -261,3 +265,55 @@ def test_native_broadcasts_like_the_reference_and_rejects_bad_shapes(fast, ref, 
     torch.testing.assert_close(fast(x, dt, A, Bm1, Cm, D, h0)[0], ref(x, dt, A, Bm1, Cm, D, h0)[0])
     with pytest.raises(ValueError, match=r"argument \d has shape"):
         fast(x, dt, A, torch.cat([Bm, Bm], -1), Cm, D, h0)  # more states than A or C: would read past C
+
+
+# mamba-ssm's kernels, faked on CPU (tests/ops/fake_kernels.py): what the harness hands them.
+
+
+def test_auto_falls_back_when_mamba_ssm_lacks_its_compiled_extension(monkeypatch, caplog):
+    fake_kernels.install(monkeypatch)
+    monkeypatch.setitem(sys.modules, "selective_scan_cuda", None)  # a wheel built without it
+    x = fake_kernels.fake_cuda_tensor()
+    with caplog.at_level(logging.WARNING, logger="harness.kernels"):
+        for _ in range(2):
+            assert scan.pick_backend("auto", x, native_kernel="selective_scan") == "torch"
+    [record] = caplog.records  # once, naming the missing module and the fix
+    assert "selective_scan_cuda does not load" in record.getMessage()
+    assert "MAMBA_KEEP_CUDA_BUILD" in record.getMessage()
+    with pytest.raises(ImportError, match=r"\.\[cuda\]"):
+        scan.pick_backend("cuda", x, native_kernel="selective_scan")
+    # Mamba-2's kernels are Triton and do not need the extension.
+    assert scan.pick_backend("auto", x, native_kernel="ssd_scan") == "cuda"
+
+
+def test_auto_takes_mamba_ssm_for_the_dtypes_it_takes(monkeypatch):
+    fake_kernels.install(monkeypatch)
+    for name in ("selective_scan", "ssd_scan", None):
+        assert scan.pick_backend("auto", fake_kernels.fake_cuda_tensor(), native_kernel=name) == "cuda"
+    fp64 = fake_kernels.fake_cuda_tensor(torch.float64)
+    assert scan.pick_backend("auto", fp64, native_kernel="selective_scan") == "torch"
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        scan.pick_backend("cuda", fp64, native_kernel="selective_scan")
+
+
+@pytest.mark.parametrize(
+    "cuda_fn,ref,make",
+    [
+        (scan.selective_scan_cuda, scan.selective_scan_ref, _selective_inputs),
+        (scan.ssd_scan_cuda, scan.ssd_scan_ref, _ssd_inputs),
+    ],
+    ids=["mamba1", "mamba2"],
+)
+def test_cuda_wrappers_hand_the_kernels_one_dtype(monkeypatch, cuda_fn, ref, make):
+    """As under bf16 autocast: the activations in bf16, delta (softplus) and the parameters in fp32."""
+    calls = fake_kernels.install(monkeypatch)
+    x, dt, A, Bm, Cm, D, _ = make(2, 12, dtype=torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x.bfloat16(), dt, A, Bm.bfloat16(), Cm.bfloat16(), D)]
+    y, h = cuda_fn(*leaves, chunk_size=8)
+    assert len(calls) == 1 and set(calls[0]["dtypes"]) == {torch.bfloat16}
+    y_ref, h_ref = ref(*leaves)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)  # delta rounded to bf16
+    torch.testing.assert_close(h, h_ref, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == t.dtype for t in leaves)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from harness.ops import kernels, wkv
 from harness.ops.wkv import (
     wkv6,
     wkv6_chunked,
@@ -18,6 +21,7 @@ from harness.ops.wkv import (
     wkv7_recurrent,
     wkv7_ref,
 )
+from tests.ops import fake_kernels
 
 B, H, K = 2, 2, 8
 FAST_DECAY = {6: 3.0, 7: 60.0}  # decay_scale that takes a chunk of 8 past the factoring limit
@@ -136,3 +140,65 @@ def test_fla_backend_equals_reference(version):
     got = outputs_and_grads(dispatch, xs, backend="cuda")
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+# flash-linear-attention, faked on CPU (tests/ops/fake_kernels.py): what the harness hands it.
+
+
+def test_pick_backend(monkeypatch):
+    fake_kernels.install(monkeypatch)
+    assert wkv.pick_backend("auto", torch.zeros(1), 6) == "torch"
+    assert kernels._found == {}  # CPU tensors never import fla
+    assert wkv.pick_backend("auto", fake_kernels.fake_cuda_tensor(), 7) == "cuda"
+    assert wkv.pick_backend("auto", fake_kernels.fake_cuda_tensor(torch.float64), 7) == "torch"
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        wkv.pick_backend("cuda", torch.zeros(1), 7)
+
+
+def test_auto_falls_back_when_fla_does_not_import(monkeypatch, caplog):
+    fake_kernels.install(monkeypatch)
+    monkeypatch.setitem(sys.modules, "fla.ops.rwkv6", None)  # e.g. a triton it cannot import
+    x = fake_kernels.fake_cuda_tensor()
+    with caplog.at_level(logging.WARNING, logger="harness.kernels"):
+        for _ in range(2):
+            assert wkv.pick_backend("auto", x, 6) == "torch"
+    [record] = caplog.records
+    assert "fla is installed but fla.ops.rwkv6 does not load" in record.getMessage()
+    with pytest.raises(ImportError, match=r"harness\[cuda\]"):
+        wkv.pick_backend("cuda", x, 6)
+
+
+@pytest.mark.parametrize("version", [6, 7], ids=["rwkv6", "rwkv7"])
+def test_fla_call_gets_one_dtype(monkeypatch, version):
+    """As under bf16 autocast: r, k, v (and a, b) in bf16 from the projections, the decay and u in
+    fp32. fla gets one dtype, and its output and state match the reference."""
+    calls = fake_kernels.install(monkeypatch)
+    xs = inputs(version, 12, with_state=True, dtype=torch.float32)
+    fp32 = {6: {3, 4, 5}, 7: {1, 6}}[version]  # logw, u, state / logw, state
+    xs = [
+        x.detach().to(torch.float32 if i in fp32 else torch.bfloat16).requires_grad_()
+        for i, x in enumerate(xs)
+    ]
+    o, S = (wkv._wkv6_fla if version == 6 else wkv._wkv7_fla)(*xs)
+    assert len(calls) == 1 and set(calls[0]["dtypes"]) == {torch.bfloat16}
+    o_ref, S_ref = FNS[version][0](*xs)
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
+    torch.testing.assert_close(o.float(), o_ref.float(), rtol=5e-2, atol=5e-2)  # inputs rounded to bf16
+    torch.testing.assert_close(S, S_ref, rtol=5e-2, atol=5e-2)
+    (o.float().sum() + S.sum()).backward()
+    assert all(x.grad is not None and x.grad.dtype == x.dtype for x in xs)
+
+
+def test_a_known_decay_bound_spares_the_chunk_check_its_read(monkeypatch):
+    """RWKV-7's model passes log w >= -e^-0.5: the chunked path then reads nothing from the device
+    (a host sync on CUDA) and computes exactly what the checked path computes."""
+    xs = inputs(7, 40, with_state=True)
+    checked = outputs_and_grads(wkv7_chunked, xs, chunk_size=16)
+
+    def no_read(self):
+        raise AssertionError("the chunked WKV read a tensor's value")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_read)
+    bounded = outputs_and_grads(wkv7_chunked, xs, chunk_size=16, min_log_decay=-0.6066)
+    for a, b in zip(checked, bounded, strict=True):
+        assert torch.equal(a, b)
