@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.ops.attention import causal_attention, causal_attention_ref
+from harness.ops.attention import causal_attention, causal_attention_ref, rotary, rotary_ref
 
 
 @dataclass(kw_only=True)
@@ -53,9 +53,46 @@ class LMOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """The forward of PyTorch's RMSNorm kernel, op for op (outputs are bitwise equal), with the
+    backward written out: dx = rstd * (gw - xhat * mean(gw * xhat)) with gw = g * w, and
+    dw = sum(g * xhat). On CPU PyTorch has no fused backward, and autograd through its composite
+    forward runs about sixteen kernels for this; here it is seven."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        acc = torch.promote_types(x.dtype, torch.float32)  # half inputs are normalised in fp32
+        xf = x.to(acc)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        xhat = xf.mul(rstd)
+        ctx.save_for_backward(xhat, rstd, weight)
+        return xhat.mul(weight).type_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, rstd, weight = ctx.saved_tensors
+        g = g.to(xhat.dtype)
+        gw = g * weight
+        dw = (g * xhat).sum(tuple(range(g.dim() - 1)))
+        dot = (gw * xhat).mean(-1, keepdim=True)
+        dx = torch.addcmul(gw, xhat, dot, value=-1).mul_(rstd)
+        return dx.to(weight.dtype), dw.to(weight.dtype), None
+
+
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` (same parameters and state dict) with the hand-written backward above where
+    PyTorch has no fused one: on CPU, input and weight of one dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != self.weight.dtype:
+            return super().forward(x)
+        eps = self.eps if self.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
+        return _RMSNormFn.apply(x, self.weight, eps)
+
+
 def make_norm(kind: str, d: int, bias: bool = False) -> nn.Module:
     if kind == "rms":
-        return nn.RMSNorm(d, eps=1e-6)
+        return RMSNorm(d, eps=1e-6)
     return nn.LayerNorm(d, bias=bias)
 
 
@@ -95,14 +132,6 @@ def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[tor
     return angles_TF.cos().float(), angles_TF.sin().float()
 
 
-def apply_rope(x_BHTD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (Su et al. 2021), rotating the two halves of each head (GPT-NeoX layout)."""
-    T = x_BHTD.shape[-2]
-    cos, sin = cos_TF[:T].to(x_BHTD.dtype), sin_TF[:T].to(x_BHTD.dtype)
-    x1, x2 = x_BHTD.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, head_dim: int, seq_len: int, rope: bool, bias: bool):
         super().__init__()
@@ -115,19 +144,23 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope_tables(seq_len, head_dim)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.reference = False  # tests flip this to use the explicit masked-softmax path
+        self.reference = False  # tests flip this to use the explicit rotary and masked-softmax paths
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTC.shape
-        qkv = self.qkv(x_BTC).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, T, D)
+        # Split the fused projection along its last dim, then (B, T, H, D) -> (B, H, T, D) views:
+        # backward joins the three gradients with one cat. Unbinding a (3, B, H, T, D) permute
+        # instead costs one more copy of them per layer (stack, then a clone to undo the permute).
+        inner = self.n_heads * self.head_dim
+        q, k, v = (
+            t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            for t in self.qkv(x_BTC).split(inner, -1)
+        )
         if self.rope:
-            q, k = (
-                apply_rope(q, self.rope_cos, self.rope_sin),
-                apply_rope(k, self.rope_cos, self.rope_sin),
-            )
+            rope = rotary_ref if self.reference else rotary
+            q, k = rope(q, self.rope_cos, self.rope_sin), rope(k, self.rope_cos, self.rope_sin)
         attn = causal_attention_ref if self.reference else causal_attention
-        y = attn(q, k, v).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        y = attn(q, k, v).transpose(1, 2).reshape(B, T, inner)
         return self.proj(y)
 
 
