@@ -16,6 +16,8 @@ TOY = {
     "bench_wkv.py": ["--batch", "1", "--d-model", "16", "--head-size", "8", "--seq-len", "32", "--repeats", "1"],
     "bench_dispatch.py": ["--tokens", "256", "--d-model", "16", "--d-ff", "16", "--experts", "4", "--reps", "1"],
     "bench_fit.py": ["--points", "30", "--bootstrap", "20"],
+    "bench_train.py": ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--seq-len", "32", "--batch", "2",
+                       "--repeats", "1", "--warmup", "1"],
 }  # fmt: skip
 
 

@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
 
 from harness import flops
+from harness.layers import RMSNorm
 from harness.models import build_model
-from harness.ops.attention import causal_attention, causal_attention_ref
 from tests.helpers import measured_flops, tiny, use_reference_paths
 
 DENSE = ["gpt2_tiny", "llama_tiny"]
@@ -26,16 +28,50 @@ def test_future_tokens_never_change_past_logits(preset):
         assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :]), "perturbation had no effect at all"
 
 
-def test_fused_attention_matches_reference():
+@pytest.mark.parametrize(
+    "preset, fields",
+    [("gpt2_tiny", {}), ("llama_tiny", {}), ("llama_tiny", {"bias": True})],
+    ids=["gpt2", "llama", "llama_bias"],  # with biases the projection's output is a view, rotated in place
+)
+def test_fast_paths_match_reference_paths(preset, fields):
+    """Logits and every gradient of the model as it trains (fused attention, rotary q/k/v split,
+    RMSNorm with its own backward) against the explicit reference paths."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    fast = causal_attention(q, k, v)
-    ref = causal_attention_ref(q, k, v)
-    torch.testing.assert_close(fast, ref)
-    g_fast = torch.autograd.grad(fast.sum(), (q, k, v))
-    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
-    for a, b in zip(g_fast, g_ref, strict=True):
-        torch.testing.assert_close(a, b)
+    cfg = tiny(preset, d_model=48, n_layers=2, n_heads=3, **fields)
+    fast = build_model(cfg).double()
+    ref = use_reference_paths(copy.deepcopy(fast))
+    for m in ref.modules():
+        if isinstance(m, RMSNorm):
+            m.__class__ = torch.nn.RMSNorm
+    idx = torch.randint(0, 256, (2, cfg.seq_len - 3))
+    outs = []
+    for model in (fast, ref):
+        logits = model(idx).logits
+        grads = torch.autograd.grad(logits.square().mean(), list(model.parameters()))
+        outs.append([logits.detach(), *grads])
+    for (name, _), a, b in zip([("logits", None), *fast.named_parameters()], *outs, strict=True):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"]
+)
+def test_rms_norm_matches_torch(dtype):
+    """The CPU RMSNorm with the hand-written backward: same state dict, outputs and gradients as
+    `nn.RMSNorm` (bf16 takes PyTorch's own path)."""
+    torch.manual_seed(0)
+    ours, theirs = RMSNorm(24, eps=1e-6, dtype=dtype), torch.nn.RMSNorm(24, eps=1e-6, dtype=dtype)
+    with torch.no_grad():
+        theirs.weight.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 24, dtype=dtype)
+    a, b = ours(x), theirs(x)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5)}.get(dtype, {})
+    torch.testing.assert_close(a, b, **tol)
+    ga, gb = torch.autograd.grad(a, (x, ours.weight), g), torch.autograd.grad(b, (x, theirs.weight), g)
+    for p, q in zip(ga, gb, strict=True):
+        torch.testing.assert_close(p, q, **tol)
 
 
 @pytest.mark.parametrize("preset", DENSE)
