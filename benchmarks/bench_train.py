@@ -129,7 +129,17 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile every block, the twin's too")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="peak for MFU (default: harness.hardware)")
     ap.add_argument("--heap", default="keep", choices=["keep", "glibc"], help="keep: no heap trimming")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: this process's CPU time, blind to time other processes took (use with --threads 1)",
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     heap = "kept" if args.heap == "keep" and keep_heap() else "glibc defaults"
     device = torch.device(args.device)
     B, T = args.batch, args.seq_len
@@ -170,7 +180,7 @@ def main() -> None:
         x, y = batches[i % len(batches)]
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         with amp():
             out = m(x)
             loss = lm_loss(out if name == TWIN else out.logits, y)
@@ -180,7 +190,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times[name].append(time.perf_counter() - t0)
+        times[name].append(clock() - t0)
         losses[name].append(loss.detach())
 
     names = list(models)
@@ -192,7 +202,7 @@ def main() -> None:
     peak = peak_flops(args, device)
     print(
         f"device={device} threads={torch.get_num_threads()} d_model={args.d_model} n_layers={args.n_layers} "
-        f"n_heads={args.n_heads} seq_len={T} batch={B} repeats={args.repeats} compile={args.compile} "
+        f"n_heads={args.n_heads} seq_len={T} batch={B} repeats={args.repeats} compile={args.compile} clock={args.clock} "
         f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'} heap={heap}"
     )
     head = f"{'family':<13} {'shape':<9} {'params':>10} {'FLOPs/token':>11} {'loss':>6} {'tokens/s':>9}"
