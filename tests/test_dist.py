@@ -97,7 +97,9 @@ def test_rwkv_on_two_ranks_starts_identical_and_drifts_only_by_summation_order(t
 
 
 @pytest.mark.parametrize(
-    "first,mode", [("two-ranks", "ddp"), ("two-ranks", "fsdp"), ("one-process", "fsdp")], ids="-".join
+    "first,mode",
+    [("two-ranks", "ddp"), ("two-ranks", "fsdp"), ("one-process", "fsdp")],
+    ids=["two-ranks-ddp", "two-ranks-fsdp", "one-process-fsdp"],
 )
 def test_checkpoint_moves_between_world_sizes(tmp_path, first, mode):
     """One checkpoint format at every world size and mode: FSDP gathers the full state to write it
